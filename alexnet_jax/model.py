@@ -1,0 +1,302 @@
+"""The AlexNet of Krizhevsky, Sutskever & Hinton (2012), written once per tower.
+
+In 2012 every layer's kernels were split between two GPUs ("towers") that
+exchanged activations only before conv3, fc6, fc7 and fc8. Here every
+parameter carries a leading tower axis, and the forward pass loops over the
+towers that are local to the device. The exchanges are `all_gather`s over the
+mesh axis named `tower_axis`; with `tower_axis=None` all towers are local and an
+exchange is a plain concatenation. So the same code runs with both towers on
+one device or one tower per device under `jax.shard_map`, and each tower's
+parameters can live only on its own device.
+
+Towers on one device run as separate convolutions, never as one grouped
+convolution (nor `vmap` over the kernel, which lowers to one): XLA's CPU
+grouped convolution is 4-5x slower (see ../shared/docs/cpu-notes.md).
+
+Shapes at the boundary:
+  images: float [B, S, S, 3], S = config.input_size, mean-subtracted 0-255 scale.
+  params: {layer: {"kernel": [T, kh, kw, cin, cout/T] or [T, din, dout/T],
+                   "bias": [T, cout/T]}} with T towers (T/m of them under a
+          shard_map whose tower axis has m devices).
+  logits: float32 [B, num_classes].
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+CONV_LAYERS = ("conv1", "conv2", "conv3", "conv4", "conv5")
+FC_LAYERS = ("fc6", "fc7", "fc8")
+LAYERS = CONV_LAYERS + FC_LAYERS
+POOLED_LAYERS = ("conv1", "conv2", "conv5")  # max-pooling follows these
+DROPOUT_LAYERS = ("fc6", "fc7")
+ACTIVATIONS = {"relu": jax.nn.relu, "tanh": jnp.tanh}
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+Params = dict[str, dict[str, jax.Array]]
+
+
+# ------------------------------------------------------------------ geometry
+
+def conv_padding(cfg: ml_collections.ConfigDict, index: int) -> tuple[int, int]:
+  """(before, after) padding of conv layer `index`; conv2-5 keep the size."""
+  if index == 0:
+    return tuple(cfg.conv1_padding)
+  half = cfg.conv_kernel_size[index] // 2
+  return (half, half)
+
+
+def spatial_sizes(cfg: ml_collections.ConfigDict) -> dict[str, int]:
+  """Side of each conv layer's output (before pooling), and of the pool5 output."""
+  sizes = {}
+  side = cfg.input_size
+  for i, name in enumerate(CONV_LAYERS):
+    before, after = conv_padding(cfg, i)
+    k, s = cfg.conv_kernel_size[i], cfg.conv_stride[i]
+    side = (side + before + after - k) // s + 1
+    sizes[name] = side
+    if name in POOLED_LAYERS:
+      side = (side - cfg.pool_window) // cfg.pool_stride + 1
+  sizes["pool5"] = side
+  return sizes
+
+
+# ------------------------------------------------------------------ the layers
+
+def lrn(x: jax.Array, *, k: float, n: int, alpha: float, beta: float,
+        alpha_over_n: bool) -> jax.Array:
+  """Local response normalisation across channels (the paper's section 3.3).
+
+  b_i = a_i / (k + alpha' * sum_{|j-i| <= n//2} a_j^2)^beta over the last axis,
+  with alpha' = alpha / n in the 2012 code's form. The window sum is a banded
+  matmul: on XLA CPU that is faster than reduce_window over channels.
+  """
+  channels = x.shape[-1]
+  idx = np.arange(channels)
+  band = (np.abs(idx[:, None] - idx[None, :]) <= n // 2).astype(np.float32)
+  scale = alpha / n if alpha_over_n else alpha
+  x32 = x.astype(jnp.float32)
+  window_sum = jnp.einsum("...c,cd->...d", x32 * x32, band)
+  return (x32 * (k + scale * window_sum) ** -beta).astype(x.dtype)
+
+
+def spatial_norm(x: jax.Array, *, size: int, k: float, alpha: float, beta: float,
+                 alpha_over_size: bool) -> jax.Array:
+  """The 2012 code's "cnorm2": per-map normalisation over a size x size window.
+
+  b = a / (k + alpha' * sum_{window} a^2)^beta, the window clipped at borders
+  (zero padding), alpha' = alpha / size^2 in the 2012 code.
+  """
+  scale = alpha / (size * size) if alpha_over_size else alpha
+  x32 = x.astype(jnp.float32)
+  lo, hi = (size - 1) // 2, size // 2
+  window_sum = jax.lax.reduce_window(
+      x32 * x32, 0.0, jax.lax.add, (1, size, size, 1), (1, 1, 1, 1),
+      ((0, 0), (lo, hi), (lo, hi), (0, 0)))
+  return (x32 * (k + scale * window_sum) ** -beta).astype(x.dtype)
+
+
+def max_pool(x: jax.Array, window: int, stride: int) -> jax.Array:
+  return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, window, window, 1),
+                               (1, stride, stride, 1), "VALID")
+
+
+def conv(x: jax.Array, kernel: jax.Array, bias: jax.Array, stride: int,
+         padding: tuple[int, int]) -> jax.Array:
+  y = jax.lax.conv_general_dilated(
+      x, kernel, (stride, stride), (padding, padding),
+      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  return y + bias
+
+
+# ------------------------------------------------------------------ the model
+
+@dataclasses.dataclass(frozen=True)
+class AlexNet:
+  """The network described by `config.model`; pure functions of the params."""
+
+  config: ml_collections.ConfigDict
+
+  @property
+  def towers(self) -> int:
+    return self.config.towers
+
+  def kernel_shapes(self) -> dict[str, tuple[int, ...]]:
+    """Per-tower kernel shape of every layer (without the leading tower axis)."""
+    cfg, towers = self.config, self.config.towers
+    shapes, cin = {}, 3
+    for i, name in enumerate(CONV_LAYERS):
+      cout = cfg.conv_features[i]
+      # Input channels seen by one tower: all of them where the towers
+      # exchange (and for conv1, whose input is the whole image).
+      cin_tower = cin if (i == 0 or name in cfg.cross_tower) else cin // towers
+      shapes[name] = (cfg.conv_kernel_size[i], cfg.conv_kernel_size[i], cin_tower,
+                      cout // towers)
+      cin = cout
+    din = spatial_sizes(cfg)["pool5"] ** 2 * cin
+    outs = tuple(cfg.fc_features) + (cfg.num_classes,)
+    for name, dout in zip(FC_LAYERS, outs, strict=True):
+      din_tower = din if name in cfg.cross_tower else din // towers
+      shapes[name] = (din_tower, dout // towers)
+      din = dout
+    return shapes
+
+  def init(self, rng: jax.Array) -> Params:
+    """Weights ~ N(0, std[layer]), biases = constant[layer]; float32."""
+    cfg, params = self.config, {}
+    keys = jax.random.split(rng, len(LAYERS))
+    for i, (name, shape) in enumerate(self.kernel_shapes().items()):
+      std, bias = cfg.init_weight_std[i], cfg.init_bias[i]
+      params[name] = {
+          "kernel": std * jax.random.normal(keys[i], (self.towers, *shape), jnp.float32),
+          "bias": jnp.full((self.towers, shape[-1]), bias, jnp.float32),
+      }
+    return params
+
+  def apply(self, params: Params, images: jax.Array, *, train: bool,
+            rng: jax.Array | None = None, tower_axis: str | None = None,
+            capture: bool = False) -> Any:
+    """Logits float32 [B, num_classes] (and, with `capture`, every layer's output).
+
+    Args:
+      params: the towers held by this device (all of them without `tower_axis`).
+      images: [B, S, S, 3].
+      train: apply dropout (needs `rng`).
+      rng: a typed key, or a [B] batch of keys (one per example: then the
+        dropout mask of an example does not depend on how the batch is split).
+      tower_axis: mesh axis over which the towers are spread, inside shard_map.
+      capture: also return {layer: [T_local, B, ...]} of pre-pooling outputs.
+    """
+    cfg = self.config
+    dtype = DTYPES[cfg.compute_dtype]
+    act = ACTIVATIONS[cfg.activation]
+    local_towers = params["conv1"]["kernel"].shape[0]
+    first_tower = (jax.lax.axis_index(tower_axis) * local_towers
+                   if tower_axis is not None else 0)
+
+    def exchange(xs: Sequence[jax.Array]) -> jax.Array:
+      """Every tower's activations, concatenated on the channel axis in tower order."""
+      x = jnp.concatenate(xs, axis=-1) if len(xs) > 1 else xs[0]
+      if tower_axis is not None:
+        x = jax.lax.all_gather(x, tower_axis, axis=x.ndim - 1, tiled=True)
+      return x
+
+    def normalise(xs: list[jax.Array]) -> list[jax.Array]:
+      opts = {k: cfg.lrn[k] for k in ("k", "n", "alpha", "beta", "alpha_over_n")}
+      if cfg.lrn.per_tower:
+        return [lrn(x, **opts) for x in xs]
+      # One window over every tower's channels: an extra exchange the paper's
+      # network did not have, offered to measure what per-tower LRN changes.
+      width = xs[0].shape[-1]
+      full = lrn(exchange(xs), **opts)
+      return [jax.lax.dynamic_slice_in_dim(full, (first_tower + t) * width, width, axis=-1)
+              for t in range(local_towers)]
+
+    if rng is not None and rng.ndim == 0:
+      rng = jax.random.split(rng, images.shape[0])
+
+    def dropout(xs: list[jax.Array], layer: int) -> list[jax.Array]:
+      rate = cfg.dropout_rate
+      if rate == 0.0:
+        return xs
+      if not train:
+        return [x * (1.0 - rate) for x in xs] if cfg.dropout_style == "scale_at_test" else xs
+      out = []
+      for t, x in enumerate(xs):
+        def mask(key, t=t):
+          key = jax.random.fold_in(jax.random.fold_in(key, layer), first_tower + t)
+          return jax.random.bernoulli(key, 1.0 - rate, x.shape[1:])
+        keep = jax.vmap(mask)(rng)
+        scale = 1.0 / (1.0 - rate) if cfg.dropout_style == "inverted" else 1.0
+        out.append(jnp.where(keep, x * scale, 0.0).astype(x.dtype))
+      return out
+
+    captured = {}
+    x = images.astype(dtype)
+    xs = [x] * local_towers
+    for i, name in enumerate(CONV_LAYERS):
+      if name in cfg.cross_tower:
+        xs = [exchange(xs)] * local_towers
+      p = params[name]
+      xs = [conv(x, p["kernel"][t].astype(dtype), p["bias"][t].astype(dtype),
+                 cfg.conv_stride[i], conv_padding(cfg, i)) for t, x in enumerate(xs)]
+      if capture:
+        captured[name] = jnp.stack(xs)
+      use_lrn = cfg.lrn.enabled and name in cfg.lrn.layers
+      if use_lrn and name == "conv1" and cfg.lrn.before_relu_in_conv1:
+        # 2012 code: conv1 -> LRN -> pool -> ReLU (pool and ReLU commute).
+        xs = [act(x) for x in normalise(xs)]
+      else:
+        xs = [act(x) for x in xs]
+        if use_lrn:
+          xs = normalise(xs)
+      if name == "conv2" and cfg.cnorm2.enabled:
+        opts = {k: cfg.cnorm2[k] for k in ("size", "k", "alpha", "beta", "alpha_over_size")}
+        xs = [spatial_norm(x, **opts) for x in xs]
+      if name in POOLED_LAYERS:
+        xs = [max_pool(x, cfg.pool_window, cfg.pool_stride) for x in xs]
+
+    for i, name in enumerate(FC_LAYERS):
+      if name in cfg.cross_tower:
+        # At fc6 the exchange gathers [B, h, w, C] maps: flatten in (h, w, c) order.
+        xs = [exchange(xs)] * local_towers
+      xs = [x.reshape(x.shape[0], -1) for x in xs]
+      p = params[name]
+      xs = [x @ p["kernel"][t].astype(dtype) + p["bias"][t].astype(dtype)
+            for t, x in enumerate(xs)]
+      if capture:
+        captured[name] = jnp.stack(xs)
+      if name != "fc8":
+        xs = dropout([act(x) for x in xs], layer=len(CONV_LAYERS) + i)
+    logits = exchange(xs).astype(jnp.float32)
+    return (logits, captured) if capture else logits
+
+
+# ------------------------------------------------------------------ summary
+
+@dataclasses.dataclass(frozen=True)
+class LayerStats:
+  name: str
+  output_per_tower: tuple[int, ...]  # without the batch axis
+  params: int
+  neurons: int
+  macs: int
+
+
+def layer_stats(model: AlexNet, params: Params) -> list[LayerStats]:
+  """Per-layer counts from the real parameter pytree and traced output shapes."""
+  size = model.config.input_size
+  images = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
+  _, captured = jax.eval_shape(
+      lambda p, x: model.apply(p, x, train=False, capture=True), params, images)
+  rows = []
+  for name in LAYERS:
+    out = captured[name].shape  # [T, 1, ...]
+    neurons = math.prod(out[2:]) * out[0]
+    kernel = params[name]["kernel"].shape  # [T, ..., cin, cout]
+    fan_in = math.prod(kernel[1:-1])  # kh*kw*cin or din: MACs per output neuron
+    count = sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(params[name]))
+    rows.append(LayerStats(name, tuple(out[2:]), count, neurons, neurons * fan_in))
+  return rows
+
+
+def format_summary(model: AlexNet, params: Params) -> str:
+  rows = layer_stats(model, params)
+  header = f"{'layer':<7}{'output per tower':>20}{'parameters':>14}{'neurons':>12}{'MACs':>16}"
+  lines = [f"AlexNet, {model.towers} tower(s), input {model.config.input_size}x"
+           f"{model.config.input_size}x3", header, "-" * len(header)]
+  for r in rows:
+    shape = " x ".join(map(str, r.output_per_tower))
+    lines.append(f"{r.name:<7}{shape:>20}{r.params:>14,}{r.neurons:>12,}{r.macs:>16,}")
+  lines.append("-" * len(header))
+  lines.append(f"{'total':<7}{'':>20}{sum(r.params for r in rows):>14,}"
+               f"{sum(r.neurons for r in rows):>12,}{sum(r.macs for r in rows):>16,}")
+  return "\n".join(lines)

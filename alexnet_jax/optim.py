@@ -1,0 +1,89 @@
+"""The paper's SGD and learning-rate schedules, as optax transformations.
+
+The paper's rule (section 5), with lr inside the momentum buffer:
+
+    v <- momentum * v - weight_decay * lr * w - lr * grad
+    w <- w + v
+
+is `chain(add_decayed_weights, scale_by_learning_rate, trace)`: decay, then
+the learning rate, then momentum. (`optax.sgd` scales after momentum, which
+differs from the paper whenever the rate changes.) The 2012 code's bias options
+(no decay, 2x rate) are a `multi_transform` over kernel and bias leaves.
+
+The learning rate is an injected hyperparameter, set every step to
+`base_schedule(step) * plateau.scale`; the plateau state (the paper's "divide
+by 10 when the validation error stops improving") is optax's
+`reduce_on_plateau` state, fed validation top-1 error at each evaluation and
+kept in the train state so it survives checkpoints.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+import optax.contrib
+
+
+def _leaf_kind(path, _) -> str:
+  return "bias" if getattr(path[-1], "key", None) == "bias" else "kernel"
+
+
+def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  """The paper's SGD with an injected `learning_rate` (set by the train step)."""
+  o = config.optim
+
+  def paper_sgd(learning_rate):
+    per_kind = optax.multi_transform(
+        {
+            "kernel": optax.add_decayed_weights(o.weight_decay),
+            "bias": optax.chain(
+                optax.add_decayed_weights(o.weight_decay if o.bias_weight_decay else 0.0),
+                optax.scale(o.bias_lr_multiplier)),
+        },
+        lambda params: jax.tree_util.tree_map_with_path(_leaf_kind, params))
+    return optax.chain(per_kind, optax.scale_by_learning_rate(learning_rate),
+                       optax.trace(decay=o.momentum))
+
+  return optax.inject_hyperparams(paper_sgd)(learning_rate=o.learning_rate)
+
+
+def set_learning_rate(opt_state, learning_rate: jax.Array):
+  """The injected-hyperparameter state with a new learning rate."""
+  hyperparams = dict(opt_state.hyperparams, learning_rate=learning_rate)
+  return opt_state._replace(hyperparams=hyperparams)
+
+
+def base_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int) -> optax.Schedule:
+  """Learning rate by step, before the plateau factor: constant or piecewise, with warm-up."""
+  o = config.optim
+  if o.schedule == "piecewise":
+    boundaries = {round(e * steps_per_epoch): o.decay_factor for e in o.boundaries_epochs}
+    main = optax.piecewise_constant_schedule(o.learning_rate, boundaries)
+  else:
+    main = optax.constant_schedule(o.learning_rate)
+  warmup_steps = round(o.warmup_epochs * steps_per_epoch)
+  if warmup_steps == 0:
+    return main
+  return lambda step: main(step) * jnp.minimum(1.0, (step + 1) / warmup_steps)
+
+
+def make_plateau(config: ml_collections.ConfigDict) -> optax.GradientTransformationExtraArgs:
+  """Divide by `decay_factor` after `plateau_patience` evaluations without improvement.
+
+  Improvement means top-1 error falling by more than `plateau_min_delta`; the
+  scale stops at decay_factor ** plateau_max_reductions.
+  """
+  o = config.optim
+  return optax.contrib.reduce_on_plateau(
+      factor=o.decay_factor, patience=o.plateau_patience, rtol=0.0, atol=o.plateau_min_delta,
+      cooldown=0, accumulation_size=1, min_scale=o.decay_factor ** o.plateau_max_reductions)
+
+
+def plateau_update(config: ml_collections.ConfigDict, state, validation_error: float):
+  """Feed one evaluation's top-1 error to the plateau state (only under "plateau")."""
+  if config.optim.schedule != "plateau":
+    return state
+  _, state = make_plateau(config).update(jnp.zeros(()), state, value=validation_error)
+  return state
