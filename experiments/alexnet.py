@@ -67,7 +67,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
 
   # ---------------------------------------------------------------- mesh
   c.mesh = ml_collections.ConfigDict()
-  c.mesh.model = 2  # devices per model replica (must divide towers... or be 1)
+  c.mesh.model = 2  # devices per replica: 2 = one tower per device, 1 = both on one
   c.mesh.data = -1  # -1: all remaining devices
 
   # ---------------------------------------------------------------- data

@@ -1,0 +1,328 @@
+"""Where examples come from: an image folder, the demo tree, or a prepared TFDS dataset.
+
+Every source offers the same thing for a split: its size, and an in-graph loader
+`index (int64 scalar) -> (encoded image bytes, int64 label, name string)` giving random
+access by example index. Random access is what makes the training order a pure function
+of (seed, epoch, position): a resumed stream slices the index list and never reads,
+let alone decodes, the examples it skips.
+
+- image folder / demo: `ROOT/<split>/<class>/*.{jpg,jpeg,png}`, class index = position of
+  the class folder in sorted order (for the 1000 ILSVRC wnids this is TFDS imagenet2012's
+  label order). Files are read with `tf.io.read_file`, in parallel, in-graph.
+- TFDS: the prepared shards are read record by record. array_record shards (built with
+  `--file_format=array_record`) have random access built in; TFRecord shards (TFDS's
+  default) get an offset index made once by scanning the record headers (no payload is
+  parsed; seconds for ImageNet) and cached under `dataset.cache_dir`. Records are
+  fetched by a `tf.py_function` (file reads release the GIL, so parallel calls overlap)
+  and parsed in-graph as the tf.train.Example TFDS wrote. The example index is the
+  position in the concatenation of the split's shards in file order.
+
+Nothing here ever triggers a TFDS download: preparedness is checked from files on disk.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import os
+import struct
+import threading
+from collections.abc import Callable
+
+import numpy as np
+
+from alexnet_jax.data import demo
+from alexnet_jax.data._tf import tf
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+# ILSVRC-2012 files TFDS imagenet2012 needs in its manual_dir.
+IMAGENET_TARS = ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar")
+_INDEX_VERSION = 1
+
+
+class DatasetNotFoundError(FileNotFoundError):
+  """The configured dataset is not on disk; the message says what to put where."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+  num_classes: int
+  num_train: int
+  num_eval: int
+  class_names: tuple[str, ...]  # wnids or names; index = label
+
+
+Loader = Callable[[tf.Tensor], tuple[tf.Tensor, tf.Tensor, tf.Tensor]]
+
+
+class Source:
+  """A dataset: info, an identity for cache keys, and per-split random-access loaders."""
+
+  name: str
+  identity: str  # stable description of the data (path / version), for cache keys
+  info: DatasetInfo
+
+  def split_size(self, which: str) -> int:
+    return self.info.num_train if which == "train" else self.info.num_eval
+
+  def loader(self, which: str) -> Loader:
+    raise NotImplementedError
+
+  def split_name(self, which: str) -> str:
+    raise NotImplementedError
+
+
+def get_source(config) -> Source:
+  """The source `config.dataset.name` selects; validates it without decoding an image."""
+  name = config.dataset.name
+  if name == "demo":
+    return FolderSource(demo.ensure_demo_tree(config), config, identity_prefix="demo")
+  if name == "image_folder":
+    root = config.dataset.image_folder
+    if not root:
+      raise DatasetNotFoundError(
+          "config.dataset.name='image_folder' needs config.dataset.image_folder=ROOT, a "
+          "folder holding ROOT/train/<class>/*.JPEG and ROOT/val/<class>/*.JPEG")
+    return FolderSource(os.path.expanduser(root), config, identity_prefix="image_folder")
+  return TfdsSource(config)
+
+
+# ------------------------------------------------------------------ image folders
+
+
+class FolderSource(Source):
+
+  def __init__(self, root: str, config, identity_prefix: str):
+    if not os.path.isdir(root):
+      raise DatasetNotFoundError(
+          f"config.dataset.image_folder={root!r} does not exist; it should hold "
+          "ROOT/train/<class>/*.JPEG and ROOT/val/<class>/*.JPEG")
+    self.name = identity_prefix
+    self.root = root
+    self._splits = {
+        "train": _folder_split_dir(root, config.dataset.train_split, "train_split"),
+        "eval": _folder_split_dir(root, config.dataset.eval_split, "eval_split"),
+    }
+    classes = _class_folders(self._splits["train"])
+    if not classes:
+      raise DatasetNotFoundError(
+          f"no class folders in {self._splits['train']} (config.dataset.image_folder="
+          f"{root!r}); expected <split>/<class>/*.JPEG")
+    self._lists = {w: _list_files(d, tuple(classes)) for w, d in self._splits.items()}
+    self.identity = f"{identity_prefix}:{os.path.realpath(root)}"
+    self.info = DatasetInfo(
+        num_classes=len(classes), num_train=len(self._lists["train"][0]),
+        num_eval=len(self._lists["eval"][0]), class_names=tuple(classes))
+
+  def split_name(self, which: str) -> str:
+    return os.path.basename(self._splits[which])
+
+  def files(self, which: str) -> tuple[np.ndarray, np.ndarray]:
+    """(paths object [n], labels int64 [n]) of a split, sorted by class then file name."""
+    return self._lists[which]
+
+  def loader(self, which: str) -> Loader:
+    paths, labels = self._lists[which]
+    paths_t = tf.constant(paths.astype(str))
+    labels_t = tf.constant(labels, tf.int64)
+
+    def load(index):
+      path = tf.gather(paths_t, index)
+      return tf.io.read_file(path), tf.gather(labels_t, index), path
+    return load
+
+
+def _folder_split_dir(root: str, split: str, field: str) -> str:
+  candidates = [split] + (["val"] if split == "validation" else [])
+  for c in candidates:
+    if os.path.isdir(os.path.join(root, c)):
+      return os.path.join(root, c)
+  raise DatasetNotFoundError(
+      f"config.dataset.image_folder={root!r} has no split folder "
+      f"{' or '.join(repr(c) for c in candidates)} (config.dataset.{field}={split!r})")
+
+
+def _class_folders(split_dir: str) -> list[str]:
+  return sorted(e.name for e in os.scandir(split_dir) if e.is_dir())
+
+
+@functools.lru_cache(maxsize=16)
+def _list_files(split_dir: str, classes: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
+  unknown = set(_class_folders(split_dir)) - set(classes)
+  if unknown:
+    raise ValueError(f"{split_dir} has class folders missing from the training split: "
+                     f"{sorted(unknown)[:5]}")
+  paths, labels = [], []
+  for label, c in enumerate(classes):
+    d = os.path.join(split_dir, c)
+    if not os.path.isdir(d):
+      continue
+    names = sorted(e.name for e in os.scandir(d)
+                   if e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS))
+    paths += [os.path.join(d, n) for n in names]
+    labels += [label] * len(names)
+  return np.array(paths, dtype=object), np.array(labels, np.int64)
+
+
+# ------------------------------------------------------------------ TFDS
+
+
+class TfdsSource(Source):
+
+  def __init__(self, config):
+    import tensorflow_datasets as tfds  # slow import; only for TFDS sources
+
+    d = config.dataset
+    self.name = d.name
+    self._cache_dir = os.path.expanduser(d.cache_dir)
+    data_dir = os.path.expanduser(d.data_dir) if d.data_dir else None
+    try:
+      builder = tfds.builder(d.name, data_dir=data_dir)
+    except tfds.core.registered.DatasetNotFoundError as e:
+      raise DatasetNotFoundError(
+          f"config.dataset.name={d.name!r} is neither 'demo', 'image_folder' nor a TFDS "
+          f"dataset: {e}") from None
+    if not tf.io.gfile.exists(os.path.join(builder.data_dir, "dataset_info.json")):
+      raise DatasetNotFoundError(_not_prepared_message(builder, config))
+    self._builder = builder
+    info = builder.info
+    self._image_key, self._label_key = info.supervised_keys or ("image", "label")
+    self._splits = {"train": d.train_split, "eval": d.eval_split}
+    for which, split in self._splits.items():
+      if split not in info.splits:
+        raise DatasetNotFoundError(
+            f"TFDS {d.name} in {builder.data_dir} has no split {split!r} (config.dataset."
+            f"{which if which == 'eval' else 'train'}_split); it has {list(info.splits)}")
+    label = info.features[self._label_key]
+    self.identity = f"tfds:{d.name}:{builder.version}:{os.path.realpath(builder.data_dir)}"
+    self.info = DatasetInfo(
+        num_classes=label.num_classes,
+        num_train=info.splits[d.train_split].num_examples,
+        num_eval=info.splits[d.eval_split].num_examples,
+        class_names=tuple(label.names))
+    self._readers: dict[str, _RecordReader] = {}
+
+  def split_name(self, which: str) -> str:
+    return self._splits[which]
+
+  def _reader(self, which: str) -> _RecordReader:
+    if which not in self._readers:
+      split_info = self._builder.info.splits[self._splits[which]]
+      paths = [os.fspath(p) for p in split_info.filepaths]
+      fmt = str(getattr(self._builder.info.file_format, "value", "tfrecord"))
+      if fmt == "array_record":
+        self._readers[which] = _ArrayRecordReader(paths)
+      else:
+        self._readers[which] = _TfRecordReader(paths, self._cache_dir)
+    return self._readers[which]
+
+  def loader(self, which: str) -> Loader:
+    reader = self._reader(which)
+    if len(reader) != self.split_size(which):
+      raise RuntimeError(f"TFDS {self.name} {self._splits[which]}: {len(reader)} records on "
+                         f"disk, {self.split_size(which)} in dataset_info.json")
+    spec = {self._image_key: tf.io.FixedLenFeature([], tf.string),
+            self._label_key: tf.io.FixedLenFeature([], tf.int64)}
+    prefix = f"{self.name}/{self._splits[which]}["
+
+    def load(index):
+      record = tf.py_function(lambda i: reader.read(int(i)), [index], tf.string)
+      ex = tf.io.parse_single_example(record, spec)
+      name = tf.strings.join([prefix, tf.strings.as_string(index), "]"])
+      return ex[self._image_key], ex[self._label_key], name
+    return load
+
+
+def _not_prepared_message(builder, config) -> str:
+  d = config.dataset
+  data_dir = os.path.dirname(os.path.dirname(builder.data_dir))  # strip <name>/<version>
+  if d.name == "imagenet2012":
+    manual = os.path.expanduser(d.manual_dir) if d.manual_dir else os.path.join(
+        data_dir, "downloads", "manual")
+    present = [t for t in IMAGENET_TARS if os.path.exists(os.path.join(manual, t))]
+    missing = [t for t in IMAGENET_TARS if t not in present]
+    step = (f"put {' and '.join(missing)} (from image-net.org) into {manual} "
+            "(config.dataset.manual_dir), then build it" if missing else
+            f"the tars are in {manual}; build it")
+    return (f"TFDS imagenet2012 is not prepared in {data_dir} (config.dataset.data_dir): "
+            f"{step} once, offline, with\n  tfds build imagenet2012 --manual_dir={manual} "
+            f"--data_dir={data_dir}\n(add --file_format=array_record for faster random "
+            "access), or point config.dataset.name='image_folder' and "
+            "config.dataset.image_folder at an extracted ROOT/{train,val}/<wnid>/*.JPEG tree.")
+  return (f"TFDS {d.name} is not prepared in {data_dir} (config.dataset.data_dir). Prepare "
+          f"it once on a machine with network access:\n  tfds build {d.name} "
+          f"--data_dir={data_dir}\nThis pipeline never downloads.")
+
+
+class _RecordReader:
+  """Random access to serialized records by their index in the split."""
+
+  def __len__(self) -> int:
+    raise NotImplementedError
+
+  def read(self, index: int) -> bytes:
+    raise NotImplementedError
+
+
+class _ArrayRecordReader(_RecordReader):
+
+  def __init__(self, paths: list[str]):
+    from array_record.python.array_record_data_source import ArrayRecordDataSource
+    self._source = ArrayRecordDataSource(paths)
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+  def read(self, index: int) -> bytes:
+    return self._source[index]
+
+
+class _TfRecordReader(_RecordReader):
+  """TFRecord shards plus an (offset, length) index per record, cached as .npz."""
+
+  def __init__(self, paths: list[str], cache_dir: str):
+    self._paths = paths
+    stamp = [(os.path.realpath(p), os.path.getsize(p)) for p in paths]
+    key = hashlib.sha1(json.dumps([_INDEX_VERSION, stamp]).encode()).hexdigest()[:16]
+    cache = os.path.join(cache_dir, "tfrecord_index", f"{key}.npz")
+    if os.path.exists(cache):
+      with np.load(cache) as z:
+        self._shard, self._offset, self._length = z["shard"], z["offset"], z["length"]
+    else:
+      self._shard, self._offset, self._length = _scan_tfrecords(paths)
+      os.makedirs(os.path.dirname(cache), exist_ok=True)
+      tmp = f"{cache}.{os.getpid()}.tmp.npz"
+      np.savez(tmp, shard=self._shard, offset=self._offset, length=self._length)
+      os.replace(tmp, cache)
+    self._local = threading.local()  # one open file per shard per reading thread
+
+  def __len__(self) -> int:
+    return len(self._offset)
+
+  def read(self, index: int) -> bytes:
+    files = self._local.__dict__.setdefault("files", {})
+    s = int(self._shard[index])
+    if s not in files:
+      files[s] = open(self._paths[s], "rb")  # noqa: SIM115 (kept open for the thread)
+    f = files[s]
+    f.seek(int(self._offset[index]))
+    return f.read(int(self._length[index]))
+
+
+def _scan_tfrecords(paths: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Record layout: uint64 length, uint32 crc, payload, uint32 crc. Reads headers only."""
+  shard, offset, length = [], [], []
+  for s, p in enumerate(paths):
+    size = os.path.getsize(p)
+    with open(p, "rb") as f:
+      pos = 0
+      while pos < size:
+        f.seek(pos)
+        (n,) = struct.unpack("<Q", f.read(8))
+        shard.append(s)
+        offset.append(pos + 12)
+        length.append(n)
+        pos += 12 + n + 4
+  return (np.array(shard, np.int32), np.array(offset, np.int64), np.array(length, np.int64))
