@@ -79,9 +79,11 @@ def check_model(m: ml_collections.ConfigDict, prefix: str = "model") -> None:
 def check_mesh(config: ml_collections.ConfigDict, num_devices: int) -> tuple[int, int]:
   """(data, model) mesh shape for `num_devices`; the global batch must split over data."""
   towers, model_axis = config.model.towers, config.mesh.model
+  if model_axis == -1:  # auto: one tower per device where the devices allow it
+    model_axis = towers if num_devices % towers == 0 else 1
   _require(model_axis >= 1 and towers % model_axis == 0, "mesh.model",
            f"{model_axis} devices per replica cannot hold {towers} tower(s); "
-           f"use a divisor of model.towers ({'1 or 2' if towers == 2 else '1'})")
+           f"use -1 (auto) or a divisor of model.towers ({'1 or 2' if towers == 2 else '1'})")
   data = config.mesh.data if config.mesh.data > 0 else num_devices // model_axis
   _require(data >= 1 and data * model_axis <= num_devices, "mesh.data",
            f"mesh data={data} x model={model_axis} needs {data * model_axis} devices; "

@@ -202,3 +202,26 @@ def make_eval_step(config: ml_collections.ConfigDict, mesh: Mesh):
     return sharded(state.params, batch)
 
   return eval_step
+
+
+def make_predict_step(config: ml_collections.ConfigDict, mesh: Mesh):
+  """The jitted `predict_step(params, images) -> (probabilities, fc7 features)`.
+
+  images [B, S, S, 3] sharded over `data`; probabilities [B, classes]; features
+  [B, fc7 width]: the last hidden layer after its activation (no dropout),
+  gathered from every tower (the paper's Figure 4 feature space).
+  """
+  model = model_lib.AlexNet(config.model)
+  act = model_lib.ACTIVATIONS[config.model.activation]
+  optimizer = optim.make_optimizer(config)
+
+  def local_predict(params, images):
+    logits, captured = model.apply(params, images, train=False, tower_axis=MODEL, capture=True)
+    fc7 = jnp.concatenate(list(captured["fc7"]), axis=-1)  # this device's towers
+    fc7 = jax.lax.all_gather(fc7, MODEL, axis=1, tiled=True)
+    return jax.nn.softmax(logits), act(fc7)
+
+  abstract = jax.eval_shape(lambda: init_state(config))
+  param_specs = state_specs(abstract, optimizer).params
+  return jax.jit(jax.shard_map(local_predict, mesh=mesh, in_specs=(param_specs, P(DATA)),
+                               out_specs=(P(DATA), P(DATA)), check_vma=False))

@@ -67,7 +67,9 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
 
   # ---------------------------------------------------------------- mesh
   c.mesh = ml_collections.ConfigDict()
-  c.mesh.model = 2  # devices per replica: 2 = one tower per device, 1 = both on one
+  # Devices per replica: 2 = one tower per device (the paper), 1 = both towers
+  # on one device, -1 = 2 where the device count allows it, else 1.
+  c.mesh.model = -1
   c.mesh.data = -1  # -1: all remaining devices
 
   # ---------------------------------------------------------------- data
