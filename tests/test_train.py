@@ -1,0 +1,242 @@
+"""The training driver end to end: the real main, resume, signals, eval, predict, processes."""
+
+import glob
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+import tensorflow as tf
+from tensorboard.backend.event_processing import event_accumulator
+
+from alexnet_jax import checkpoint, cli, evaluate, parallel, steps, train
+from experiments import alexnet
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+  return str(tmp_path_factory.mktemp("cache"))
+
+
+def _config(cache_dir, **overrides):
+  config = alexnet.get_config("smoke")
+  config.dataset.cache_dir = cache_dir
+  config.eval_ten_crop = False
+  for key, value in overrides.items():
+    target = config
+    *path, leaf = key.split(".")
+    for part in path:
+      target = target[part]
+    target[leaf] = value
+  return config
+
+
+def _flags(cache_dir, **overrides):
+  flags = [f"--config={ROOT}/experiments/alexnet.py:smoke",
+           f"--config.dataset.cache_dir={cache_dir}"]
+  return flags + [f"--config.{k}={v}" for k, v in overrides.items()]
+
+
+def _main(workdir, flags, devices=1, mode="train", extra_env=None, **kwargs):
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+             JAX_PLATFORMS="cpu", **(extra_env or {}))
+  cmd = [sys.executable, os.path.join(ROOT, "main.py"), f"--workdir={workdir}",
+         f"--mode={mode}", *flags]
+  return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, **kwargs)
+
+
+def _params(workdir, config, step=None):
+  """The checkpointed state, restored onto one device whatever mesh wrote it."""
+  config = config.copy_and_resolve_references()
+  config.mesh.data, config.mesh.model = 1, 1
+  mesh = parallel.make_mesh(config, jax.devices()[:1])
+  ckpt = checkpoint.Checkpointer(workdir, read_only=True)
+  state = ckpt.restore(train.abstract_train_state(config, mesh), step)
+  ckpt.close()
+  return jax.device_get(state)
+
+
+def _scalars(workdir, tag):
+  acc = event_accumulator.EventAccumulator(workdir, size_guidance={"tensors": 0})
+  acc.Reload()
+  return {e.step: float(tf.make_ndarray(e.tensor_proto)) for e in acc.Tensors(tag)}
+
+
+def test_main_trains_logs_checkpoints_and_evaluates(tmp_path, cache_dir):
+  workdir = str(tmp_path / "run")
+  out = _main(workdir, _flags(cache_dir, num_train_steps=3, eval_every_steps=3,
+                              checkpoint_every_steps=2))
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "Done. Results in" in out.stdout
+  losses = _scalars(workdir, "train/loss")
+  assert sorted(losses) == [1, 2, 3] and all(np.isfinite(list(losses.values())))
+  assert set(_scalars(workdir, "eval/top1_error")) == {3}
+  for tag in ("train/learning_rate", "train/images_per_second", "train/data_wait_fraction"):
+    assert _scalars(workdir, tag), tag
+  assert sorted(int(os.path.basename(p)) for p in glob.glob(f"{workdir}/checkpoints/*")) == [2, 3]
+  final = json.load(open(f"{workdir}/final_metrics.json"))
+  assert final["step"] == 3 and 0.0 <= final["top1_error"] <= 1.0
+  assert json.load(open(f"{workdir}/config.json"))["num_train_steps"] == 3
+
+
+def test_resume_equals_an_uninterrupted_run(tmp_path, cache_dir):
+  # dropout on, plateau schedule fed every 2 steps: all of it must resume exactly.
+  common = dict(eval_every_steps=2, checkpoint_every_steps=2, log_every_steps=1)
+  whole = str(tmp_path / "whole")
+  train.train_and_evaluate(_config(cache_dir, num_train_steps=4, **common), whole)
+  parts = str(tmp_path / "parts")
+  train.train_and_evaluate(_config(cache_dir, num_train_steps=2, **common), parts)
+  train.train_and_evaluate(_config(cache_dir, num_train_steps=4, **common), parts)
+  config = _config(cache_dir, num_train_steps=4)
+  a, b = _params(whole, config), _params(parts, config)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+    np.testing.assert_array_equal(x, y)
+  for tag in ("train/loss", "train/top1_error", "eval/top1_error"):
+    want, got = _scalars(whole, tag), _scalars(parts, tag)
+    for step in (3, 4):
+      if step in want:
+        assert got[step] == pytest.approx(want[step], rel=1e-6), (tag, step)
+
+
+def test_sigterm_saves_and_the_restart_continues(tmp_path, cache_dir):
+  workdir = str(tmp_path / "run")
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
+             JAX_PLATFORMS="cpu")
+  cmd = [sys.executable, os.path.join(ROOT, "main.py"), f"--workdir={workdir}",
+         *_flags(cache_dir, num_train_steps=100000, checkpoint_every_steps=100000,
+                 eval_every_steps=100000)]
+  proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True)
+  lines = []
+  for line in proc.stdout:  # wait until it is really training
+    lines.append(line)
+    if " step 3/" in line:
+      break
+  proc.send_signal(signal.SIGTERM)
+  rest, _ = proc.communicate(timeout=120)
+  log = "".join(lines) + rest
+  assert proc.returncode == 0, log[-3000:]
+  assert "SIGTERM received: saved step" in log and "Resume with the same command" in log
+  saved = checkpoint.Checkpointer(workdir, read_only=True).latest_step()
+  assert saved >= 3
+  out = _main(workdir, _flags(cache_dir, num_train_steps=saved + 1))
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert f"Resumed from {workdir}/checkpoints at step {saved}" in out.stderr
+  assert sorted(_scalars(workdir, "train/loss"))[-1] == saved + 1
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, cache_dir):
+  """A smoke model trained on 8 devices (data 4 x model 2)."""
+  workdir = str(tmp_path_factory.mktemp("trained"))
+  config = _config(cache_dir, num_train_steps=2, **{"mesh.data": 4, "mesh.model": 2})
+  train.train_and_evaluate(config, workdir)
+  return workdir
+
+
+def test_eval_mode_on_another_device_count_writes_the_report(trained, cache_dir):
+  out = _main(trained, _flags(cache_dir), devices=2, mode="eval")
+  assert out.returncode == 0, out.stderr[-3000:]
+  report = json.load(open(f"{trained}/eval/2.json"))
+  assert report["step"] == 2 and report["split"] == "validation"
+  assert report["num_examples"] == 40  # smoke demo: 10 classes x 4, every one counted
+  for view in ("center_crop", "ten_crop"):
+    assert set(report[view]) == {"top1_error", "top5_error"}
+    assert 0.0 <= report[view]["top5_error"] <= report[view]["top1_error"] <= 1.0
+  # The same numbers as an evaluation on this process's 8 devices.
+  config = _config(cache_dir)
+  run = train.setup(config)
+  state = evaluate.restore(config, trained, run.mesh)
+  centre = evaluate.evaluate(config, state, run.mesh, steps.make_eval_step(config, run.mesh),
+                             ten_crop=False)
+  assert centre["top1_error"] == pytest.approx(report["center_crop"]["top1_error"])
+
+
+def test_predict_prints_top5_for_real_images(trained, cache_dir, shared_data):
+  images = sorted(glob.glob(f"{shared_data}/imagenet-tiny/val/*/*.JPEG"))[:2]
+  out = _main(trained, _flags(cache_dir) + [f"--images={','.join(images)}"], mode="predict")
+  assert out.returncode == 0, out.stderr[-3000:]
+  for path in images:
+    block = out.stdout.split(path)[1].strip().splitlines()[:5]
+    probs = [float(line.split("%")[0]) for line in block]
+    assert len(probs) == 5 and probs == sorted(probs, reverse=True)
+
+
+def test_imagenet_class_words_for_1000_classes():
+  from alexnet_jax.data import DatasetInfo
+
+  names = [line.split("\t")[0] for line in open(os.path.join(evaluate.RESOURCES,
+                                                             "ilsvrc2012_classes.tsv"))
+           if not line.startswith("#")]
+  info = DatasetInfo(num_classes=1000, num_train=1, num_eval=1, class_names=tuple(names))
+  words = evaluate.class_names(None, info)
+  assert words[0] == "tench, Tinca tinca" and len(words) == 1000
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_equal_one(tmp_path, cache_dir):
+  overrides = dict(num_train_steps=2, eval_every_steps=2, checkpoint_every_steps=2,
+                   **{"mesh.data": 2, "mesh.model": 2})
+  single = str(tmp_path / "single")
+  out = _main(single, _flags(cache_dir, **overrides), devices=4)
+  assert out.returncode == 0, out.stderr[-3000:]
+  multi = str(tmp_path / "multi")
+  port = _free_port()
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+             JAX_PLATFORMS="cpu")
+  procs = [subprocess.Popen(
+      [sys.executable, os.path.join(ROOT, "main.py"), f"--workdir={multi}",
+       f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}",
+       *_flags(cache_dir, **overrides)], env=env, stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT, text=True) for i in range(2)]
+  logs = [p.communicate(timeout=300)[0] for p in procs]
+  assert [p.returncode for p in procs] == [0, 0], logs[0][-3000:] + logs[1][-3000:]
+  config = _config(cache_dir, **overrides)
+  a, b = _params(single, config), _params(multi, config)
+  for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params), strict=True):
+    np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+  assert os.path.exists(f"{multi}/final_metrics.json")
+
+
+def test_mismatched_checkpoint_is_refused_and_nothing_overwritten(trained, cache_dir):
+  before = {p: os.path.getmtime(p) for p in glob.glob(f"{trained}/**", recursive=True)}
+  out = _main(trained, _flags(cache_dir, **{"model.fc_features": "(64,64)",
+                                            "num_train_steps": 4}))
+  assert out.returncode == 2
+  assert "another network" in out.stderr and "model.fc_features" in out.stderr
+  after = {p: os.path.getmtime(p) for p in glob.glob(f"{trained}/**", recursive=True)}
+  assert after == before
+
+
+def test_unknown_config_field_is_an_error(tmp_path, cache_dir):
+  out = _main(str(tmp_path), _flags(cache_dir, **{"model.widht": 3}))
+  assert out.returncode != 0 and "widht" in out.stderr
+  assert not os.listdir(tmp_path)
+
+
+def test_bad_value_is_rejected_before_compiling(tmp_path, cache_dir):
+  start = time.perf_counter()
+  assert cli.run("train", _config(cache_dir, batch_size=-4), str(tmp_path)) == 2
+  assert time.perf_counter() - start < 5
+
+
+def test_missing_dataset_is_a_clear_error(tmp_path, cache_dir, capsys):
+  config = _config(cache_dir, **{"dataset.name": "image_folder",
+                                 "dataset.image_folder": str(tmp_path / "nowhere")})
+  assert cli.run("train", config, str(tmp_path / "w")) == 2
+  err = capsys.readouterr().err
+  assert "dataset.image_folder" in err and "nowhere" in err
+  assert not os.path.exists(tmp_path / "w")
