@@ -211,9 +211,9 @@ class AlexNet:
         return [x * (1.0 - rate) for x in xs] if cfg.dropout_style == "scale_at_test" else xs
       out = []
       for t, x in enumerate(xs):
-        def mask(key, t=t):
+        def mask(key, t=t, shape=x.shape[1:]):
           key = jax.random.fold_in(jax.random.fold_in(key, layer), first_tower + t)
-          return jax.random.bernoulli(key, 1.0 - rate, x.shape[1:])
+          return jax.random.bernoulli(key, 1.0 - rate, shape)
         keep = jax.vmap(mask)(rng)
         scale = 1.0 / (1.0 - rate) if cfg.dropout_style == "inverted" else 1.0
         out.append(jnp.where(keep, x * scale, 0.0).astype(x.dtype))

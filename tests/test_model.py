@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from alexnet_jax import config_checks, model as model_lib, parallel
+from alexnet_jax import config_checks, parallel
+from alexnet_jax import model as model_lib
 from experiments import alexnet, alexnet_2012_code, single_column
 
 

@@ -16,8 +16,8 @@ is dropped by `ignore_errors`, which keeps the run alive but shifts the rest of 
 stream by one example; TF logs it.) In evaluation a bad file gets mask=False instead, so
 every process still yields the same number of batches.
 
-Per-example work happens on uint8 (decode, resize, crop, flip); the float work (mean
-subtraction, PCA offset, train_divisor) is done once per batch, vectorised.
+Per-example work keeps control flow (tf.cond / while_loop) off the common path: inside a
+tf.data map each conditional costs more than the small ops it would save.
 """
 
 from __future__ import annotations
@@ -45,7 +45,9 @@ from alexnet_jax.data.decode import (
     BadImageLog,
     check_or_record,
     decode_centre_square,
+    is_valid_image,
     make_bad_image_log,
+    record_bad,
 )
 from alexnet_jax.data.sources import DatasetInfo, Source, get_source
 
@@ -150,7 +152,7 @@ def load_image_files_uint8(config, paths: Sequence[str]) -> np.ndarray:
   def load(path):
     data = tf.io.read_file(path)
     with tf.control_dependencies([check_or_record(data, path, log)]):
-      return centre_crop(decode_centre_square(data, a.resize_size), a)
+      return centre_crop(decode_centre_square(data, a.resize_size, a.antialias), a)
 
   ds = tf.data.Dataset.from_tensor_slices(tf.constant([str(p) for p in paths], tf.string))
   ds = ds.map(load, num_parallel_calls=parallel_calls(config)).batch(max(1, len(paths)))
@@ -220,32 +222,29 @@ def train_dataset(config, *, start_step: int = 0, process_index: int = 0,
     idx.set_shape([None])
     return tf.data.Dataset.from_tensor_slices(idx).map(lambda i: (i, epoch))
 
-  def example(index, epoch):
-    ex_seed = example_seed(seed, epoch, index)
-    data, label = _load_with_substitutes(load, index, ex_seed, n, log)
-    img = decode_centre_square(data, a.resize_size)
-    oy, ox, flip, alpha = augment_params(ex_seed, a)
-    return {"image": crop(img, oy, ox, a.crop_size, flip), "alpha": alpha,
-            "label": tf.cast(label, tf.int32)}
-
   stats = _needed_stats(config, a, train=True)
   mean = tf.constant(_mean_crop(config, a, stats))
   offset = (lambda al: pca_offset(al, stats.eigvals, stats.eigvecs, a.pca_scale)) \
       if a.pca_jitter else (lambda al: tf.zeros_like(al))
 
-  def finish(batch):
-    x = tf.cast(batch["image"], tf.float32) - mean
-    x = x + offset(batch["alpha"])[:, None, None, :]
+  def example(index, epoch):
+    ex_seed = example_seed(seed, epoch, index)
+    data, label = _load_with_substitutes(load, index, ex_seed, n, log)
+    img = decode_centre_square(data, a.resize_size, a.antialias)
+    oy, ox, flip, alpha = augment_params(ex_seed, a)
+    x = tf.cast(crop(img, oy, ox, a.crop_size, flip), tf.float32) - mean
+    x = x + offset(alpha)
     if a.train_divisor != 1.0:
       x = x / a.train_divisor
-    return {"image": x, "label": batch["label"]}
+    return {"image": x, "label": tf.cast(label, tf.int32)}
+
 
   npc = parallel_calls(config)
   ds = tf.data.Dataset.range(start_epoch, np.iinfo(np.int64).max).flat_map(epoch_examples)
   ds = ds.map(example, num_parallel_calls=npc, deterministic=True)
   if log.on_bad_image == "skip":
     ds = ds.ignore_errors(log_warning=True)
-  ds = ds.batch(b, drop_remainder=True).map(finish, num_parallel_calls=npc, deterministic=True)
+  ds = ds.batch(b, drop_remainder=True)
   return ds.prefetch(AUTOTUNE).with_options(_options())
 
 
@@ -269,7 +268,7 @@ def eval_dataset(config, *, ten_crop: bool, process_index: int = 0, process_coun
         is_real, lambda: load(index),
         lambda: (tf.constant(b""), tf.constant(0, tf.int64), tf.constant("")))
     ok = tf.cond(is_real, lambda: check_or_record(data, name, log), lambda: tf.constant(False))
-    img = tf.cond(ok, lambda: decode_centre_square(data, a.resize_size), lambda: blank)
+    img = tf.cond(ok, lambda: decode_centre_square(data, a.resize_size, a.antialias), lambda: blank)
     return {"image": views(img), "label": tf.cast(label, tf.int32), "mask": ok}
 
   mean = tf.constant(_mean_crop(config, a, _needed_stats(config, a, train=False)))
@@ -289,25 +288,28 @@ def eval_dataset(config, *, ten_crop: bool, process_index: int = 0, process_coun
 
 def _load_with_substitutes(load, index, ex_seed, n: int, log: BadImageLog):
   """Loads example `index`; if its file is bad, records it and loads a substitute drawn
-  from `ex_seed` (so the choice is as reproducible as the example itself)."""
+  from `ex_seed` (so the choice is as reproducible as the example itself). The common
+  path has a single tf.cond; the retry loop runs only after a bad file."""
+  data, label, name = load(tf.cast(index, tf.int64))
 
-  def body(t, data, label, ok):
-    candidate = tf.cond(
-        t == 0, lambda: tf.cast(index, tf.int64),
-        lambda: tf.random.stateless_uniform(
-            [], tf.random.experimental.stateless_fold_in(ex_seed, tf.cast(t, tf.int64)),
-            minval=0, maxval=n, dtype=tf.int64))
-    data, label, name = load(candidate)
-    return t + 1, data, label, check_or_record(data, name, log)
+  def substitute():
+    def body(t, data, label, ok):
+      candidate = tf.random.stateless_uniform(
+          [], tf.random.experimental.stateless_fold_in(ex_seed, tf.cast(t, tf.int64)),
+          minval=0, maxval=n, dtype=tf.int64)
+      data, label, name = load(candidate)
+      return t + 1, data, label, check_or_record(data, name, log)
 
-  init = (tf.constant(0), tf.constant(b""), tf.constant(0, tf.int64), tf.constant(False))
-  _, data, label, ok = tf.while_loop(
-      lambda t, d, lab, ok: tf.logical_and(tf.logical_not(ok), t < _MAX_SUBSTITUTION_TRIES),
-      body, init)
-  check = tf.debugging.Assert(
-      ok, [f"{_MAX_SUBSTITUTION_TRIES} undecodable training files in a row; see the log"])
-  with tf.control_dependencies([check]):
-    return tf.identity(data), tf.identity(label)
+    init = (tf.constant(1), tf.constant(b""), tf.constant(0, tf.int64), record_bad(name, log))
+    _, data2, label2, ok = tf.while_loop(
+        lambda t, d, lab, ok: tf.logical_and(tf.logical_not(ok), t < _MAX_SUBSTITUTION_TRIES),
+        body, init)
+    check = tf.debugging.Assert(
+        ok, [f"{_MAX_SUBSTITUTION_TRIES} undecodable training files in a row; see the log"])
+    with tf.control_dependencies([check]):
+      return tf.identity(data2), tf.identity(label2)
+
+  return tf.cond(is_valid_image(data), lambda: (data, label), substitute)
 
 
 def _needed_stats(config, a: AugmentConfig, train: bool) -> stats_lib.Stats | None:
@@ -352,12 +354,13 @@ def _square_batches(config, source: Source, which: str, indices: np.ndarray,
                     log: BadImageLog) -> Iterator[np.ndarray]:
   """uint8 [n, R, R, 3] centre squares of the given examples; bad files skipped."""
   size = int(config.input.resize_size)
+  antialias = bool(config.input.get("resize_antialias", False))
   load = source.loader(which)
 
   def example(index):
     data, _, name = load(index)
     ok = check_or_record(data, name, log)
-    img = tf.cond(ok, lambda: decode_centre_square(data, size),
+    img = tf.cond(ok, lambda: decode_centre_square(data, size, antialias),
                   lambda: tf.zeros([size, size, 3], tf.uint8))
     return img, ok
 
