@@ -228,6 +228,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if is_lead:
     with open(os.path.join(workdir, "final_metrics.json"), "w") as f:
       json.dump({"step": step, **result}, f, indent=2)
+  if config.figures.enabled and jax.process_count() == 1:
+    from alexnet_jax import figures  # matplotlib only when figures are drawn
+
+    paths = figures.write_all(config, workdir, state=state)
+    logging.info("figures: %s", ", ".join(paths))
   return result
 
 

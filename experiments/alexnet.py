@@ -88,6 +88,10 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   c.input = i = ml_collections.ConfigDict()
   i.resize_size = 256  # shorter side, then centre crop to resize_size^2
   i.mean = "per_pixel"  # "per_pixel", "per_channel", "published", "none"
+  # Explicit per-channel means (0-255 RGB) for mean="per_channel", instead of
+  # computing them; e.g. torchvision's (123.675, 116.28, 103.53) for imported weights.
+  i.mean_rgb = ml_collections.config_dict.placeholder(tuple)
+  i.resize_antialias = False  # PIL-style antialiased resize: smoother, ~2x slower decode
   i.stats_max_images = 10_000  # training images sampled for mean/PCA stats
   i.random_crop = True
   i.flip = True
@@ -128,6 +132,13 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   c.profile_steps = ()  # (start, stop): trace these steps to DIR/profile
   c.halt_on_nonfinite = True
 
+  # ---------------------------------------------------------------- figures
+  c.figures = ml_collections.ConfigDict()
+  c.figures.enabled = True  # written into DIR/figures/ at the end of training
+  c.figures.num_queries = 8  # Figure 4: query images from the eval split
+  c.figures.max_train_images = 1000  # Figure 4: training images searched for neighbours
+  c.figures.num_neighbours = 6
+
   if variant == "smoke":
     apply_smoke(c)
   elif variant:
@@ -150,3 +161,4 @@ def apply_smoke(c: ml_collections.ConfigDict) -> None:
   c.eval_every_steps = 2
   c.checkpoint_every_steps = 2
   c.log_every_steps = 1
+  c.figures.enabled = False

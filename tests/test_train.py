@@ -73,7 +73,7 @@ def _scalars(workdir, tag):
 def test_main_trains_logs_checkpoints_and_evaluates(tmp_path, cache_dir):
   workdir = str(tmp_path / "run")
   out = _main(workdir, _flags(cache_dir, num_train_steps=3, eval_every_steps=3,
-                              checkpoint_every_steps=2))
+                              checkpoint_every_steps=2, **{"figures.enabled": True}))
   assert out.returncode == 0, out.stderr[-3000:]
   assert "Done. Results in" in out.stdout
   losses = _scalars(workdir, "train/loss")
@@ -85,6 +85,8 @@ def test_main_trains_logs_checkpoints_and_evaluates(tmp_path, cache_dir):
   final = json.load(open(f"{workdir}/final_metrics.json"))
   assert final["step"] == 3 and 0.0 <= final["top1_error"] <= 1.0
   assert json.load(open(f"{workdir}/config.json"))["num_train_steps"] == 3
+  for name in ("conv1_kernels.png", "neighbours.png", "training_curves.png"):
+    assert os.path.getsize(f"{workdir}/figures/{name}") > 1000, name
 
 
 def test_resume_equals_an_uninterrupted_run(tmp_path, cache_dir):
