@@ -101,6 +101,10 @@ def check_optim(config: ml_collections.ConfigDict) -> None:
   o = config.optim
   _require(o.schedule in ("constant", "piecewise", "plateau"), "optim.schedule",
            f"unknown schedule {o.schedule!r}; choose constant, piecewise or plateau")
+  _require(o.optimizer in ("sgd", "adam"), "optim.optimizer",
+           f"unknown optimizer {o.optimizer!r}; choose sgd (the paper's) or adam")
+  _require(len(o.layer_lr_multipliers) == len(model_lib.LAYERS), "optim.layer_lr_multipliers",
+           f"needs {len(model_lib.LAYERS)} values (conv1..fc8), got {len(o.layer_lr_multipliers)}")
   for name in ("learning_rate",):
     _positive(config, f"optim.{name}")
   for name in ("momentum", "weight_decay", "warmup_epochs", "bias_lr_multiplier"):

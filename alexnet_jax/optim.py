@@ -25,24 +25,38 @@ import ml_collections
 import optax
 import optax.contrib
 
+from alexnet_jax import model as model_lib
 
-def _leaf_kind(path, _) -> str:
-  return "bias" if getattr(path[-1], "key", None) == "bias" else "kernel"
+
+def _leaf_label(path, _) -> str:
+  """'<layer>/<kernel|bias>' for a parameter leaf."""
+  layer, leaf = path[0].key, path[-1].key
+  return f"{layer}/{'bias' if leaf == 'bias' else 'kernel'}"
 
 
 def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
-  """The paper's SGD with an injected `learning_rate` (set by the train step)."""
+  """The paper's SGD with an injected `learning_rate` (set by the train step).
+
+  Per leaf, before the learning rate: weight decay (biases optional) and a
+  constant multiplier = the layer's `layer_lr_multipliers` entry (cuda-convnet's
+  per-layer epsW) times `bias_lr_multiplier` for biases.
+  """
   o = config.optim
+  multipliers = dict(zip(model_lib.LAYERS, o.layer_lr_multipliers, strict=True))
+
+  def per_leaf(layer: str, kind: str) -> optax.GradientTransformation:
+    decay = o.weight_decay if (kind == "kernel" or o.bias_weight_decay) else 0.0
+    scale = multipliers[layer] * (o.bias_lr_multiplier if kind == "bias" else 1.0)
+    return optax.chain(optax.add_decayed_weights(decay), optax.scale(scale))
 
   def paper_sgd(learning_rate):
     per_kind = optax.multi_transform(
-        {
-            "kernel": optax.add_decayed_weights(o.weight_decay),
-            "bias": optax.chain(
-                optax.add_decayed_weights(o.weight_decay if o.bias_weight_decay else 0.0),
-                optax.scale(o.bias_lr_multiplier)),
-        },
-        lambda params: jax.tree_util.tree_map_with_path(_leaf_kind, params))
+        {f"{layer}/{kind}": per_leaf(layer, kind)
+         for layer in model_lib.LAYERS for kind in ("kernel", "bias")},
+        lambda params: jax.tree_util.tree_map_with_path(_leaf_label, params))
+    if o.optimizer == "adam":  # not the paper's: for small fast demos (see demo.py)
+      return optax.chain(per_kind, optax.scale_by_adam(), optax.scale_by_learning_rate(
+          learning_rate))
     return optax.chain(per_kind, optax.scale_by_learning_rate(learning_rate),
                        optax.trace(decay=o.momentum))
 

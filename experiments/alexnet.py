@@ -107,11 +107,14 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   # ---------------------------------------------------------------- optimiser
   c.batch_size = 128  # global
   c.optim = o = ml_collections.ConfigDict()
+  o.optimizer = "sgd"  # the paper's momentum SGD; "adam" only for small quick demos
   o.learning_rate = 0.01
   o.momentum = 0.9
   o.weight_decay = 0.0005
   o.bias_weight_decay = True  # 2012 code: False
   o.bias_lr_multiplier = 1.0  # 2012 code: 2.0
+  # Per layer (conv1..conv5, fc6, fc7, fc8), like cuda-convnet's per-layer epsW.
+  o.layer_lr_multipliers = (1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0)
   o.schedule = "plateau"  # "constant", "piecewise" or "plateau"
   o.boundaries_epochs = (25.0, 51.0)  # for "piecewise"
   o.decay_factor = 0.1

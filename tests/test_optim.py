@@ -23,16 +23,18 @@ def _two_steps(config, lrs):
   return params, grads
 
 
-@pytest.mark.parametrize("bias_decay,bias_mult", [(True, 1.0), (False, 2.0)])
-def test_two_steps_equal_the_hand_computed_rule(bias_decay, bias_mult):
+@pytest.mark.parametrize("bias_decay,bias_mult,layer_mult", [(True, 1.0, 1.0), (False, 2.0, 0.5)])
+def test_two_steps_equal_the_hand_computed_rule(bias_decay, bias_mult, layer_mult):
   config = alexnet.get_config()
   config.optim.bias_weight_decay = bias_decay
   config.optim.bias_lr_multiplier = bias_mult
+  config.optim.layer_lr_multipliers = (layer_mult,) + (1.0,) * 7  # conv1's rate
   lrs = [0.1, 0.05]  # the rate changes between steps: lr sits inside the momentum
   got, grads = _two_steps(config, lrs)
 
   mom, wd = 0.9, 0.0005
-  for name, mult, decay in (("kernel", 1.0, wd), ("bias", bias_mult, wd if bias_decay else 0.0)):
+  for name, mult, decay in (("kernel", layer_mult, wd),
+                            ("bias", layer_mult * bias_mult, wd if bias_decay else 0.0)):
     w = np.array({"kernel": [[1.0, -2.0]], "bias": [[0.5]]}[name])
     v = np.zeros_like(w)
     for g, lr in zip(grads, lrs, strict=True):
@@ -84,3 +86,14 @@ def test_plateau_state_round_trips_through_a_checkpoint(tmp_path):
   for a, b in zip(jax.tree.leaves(restored.plateau), jax.tree.leaves(state.plateau), strict=True):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   ckpt.close()
+
+
+def test_adam_option_for_demos_updates_parameters():
+  config = alexnet.get_config()
+  config.optim.optimizer = "adam"
+  got, _ = _two_steps(config, [1e-3, 1e-3])
+  # Adam's steps move a weight by about the rate each, against the gradient's
+  # sign: the second kernel weight had gradients +0.1 then +0.2.
+  moved = np.asarray(got["conv1"]["kernel"]) - [[1.0, -2.0]]
+  assert moved[0, 1] == pytest.approx(-2e-3, rel=0.05)
+  assert abs(moved[0, 0]) < 2e-3
