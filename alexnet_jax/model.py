@@ -24,6 +24,7 @@ Shapes at the boundary:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -71,6 +72,20 @@ def spatial_sizes(cfg: ml_collections.ConfigDict) -> dict[str, int]:
 
 # ------------------------------------------------------------------ the layers
 
+def _pow_neg(d: jax.Array, beta: float) -> jax.Array:
+  """d ** -beta; the paper's beta = 0.75 as rsqrt(d) * sqrt(rsqrt(d)).
+
+  XLA CPU lowers a general power to exp(log(.)), about 3x slower than the
+  rsqrt/sqrt pair in LRN's forward pass (BENCHMARKS.md); equal within 4e-7 relative.
+  """
+  if beta == 0.75:
+    r = jax.lax.rsqrt(d)
+    return r * jnp.sqrt(r)
+  if beta == 0.5:
+    return jax.lax.rsqrt(d)
+  return d ** -beta
+
+
 def lrn(x: jax.Array, *, k: float, n: int, alpha: float, beta: float,
         alpha_over_n: bool) -> jax.Array:
   """Local response normalisation across channels (the paper's section 3.3).
@@ -85,7 +100,7 @@ def lrn(x: jax.Array, *, k: float, n: int, alpha: float, beta: float,
   scale = alpha / n if alpha_over_n else alpha
   x32 = x.astype(jnp.float32)
   window_sum = jnp.einsum("...c,cd->...d", x32 * x32, band)
-  return (x32 * (k + scale * window_sum) ** -beta).astype(x.dtype)
+  return (x32 * _pow_neg(k + scale * window_sum, beta)).astype(x.dtype)
 
 
 def spatial_norm(x: jax.Array, *, size: int, k: float, alpha: float, beta: float,
@@ -101,19 +116,136 @@ def spatial_norm(x: jax.Array, *, size: int, k: float, alpha: float, beta: float
   window_sum = jax.lax.reduce_window(
       x32 * x32, 0.0, jax.lax.add, (1, size, size, 1), (1, 1, 1, 1),
       ((0, 0), (lo, hi), (lo, hi), (0, 0)))
-  return (x32 * (k + scale * window_sum) ** -beta).astype(x.dtype)
+  return (x32 * _pow_neg(k + scale * window_sum, beta)).astype(x.dtype)
 
 
+def _pool_taps(x: jax.Array, window: int, stride: int) -> list[jax.Array]:
+  """The window*window strided views x[:, i::stride, j::stride] (row-major order)."""
+  oh = (x.shape[1] - window) // stride + 1
+  ow = (x.shape[2] - window) // stride + 1
+  return [jax.lax.slice(x, (0, i, j, 0),
+                        (x.shape[0], i + stride * (oh - 1) + 1, j + stride * (ow - 1) + 1,
+                         x.shape[3]), (1, stride, stride, 1))
+          for i in range(window) for j in range(window)]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
 def max_pool(x: jax.Array, window: int, stride: int) -> jax.Array:
-  return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, window, window, 1),
-                               (1, stride, stride, 1), "VALID")
+  """Max pooling (VALID) as a max over strided views.
+
+  Same values and gradient as reduce_window(max), whose XLA CPU gradient
+  (select_and_scatter) is ~10x slower than this (BENCHMARKS.md). The gradient of
+  each window goes to its first maximum in row-major order, as select_and_scatter
+  does (jnp.maximum's own gradient would split ties, which are common after ReLU).
+  """
+  return functools.reduce(jnp.maximum, _pool_taps(x, window, stride))
+
+
+def _max_pool_fwd(x, window, stride):
+  y = max_pool(x, window, stride)
+  return y, (x, y)
+
+
+def _max_pool_bwd(window, stride, res, g):
+  x, y = res
+  free = jnp.ones(y.shape, bool)  # windows whose maximum has not been claimed yet
+  dx = jnp.zeros(x.shape, g.dtype)
+  zero = jnp.zeros((), g.dtype)
+  for t, tap in enumerate(_pool_taps(x, window, stride)):
+    i, j = divmod(t, window)
+    hit = free & (tap == y)
+    free = free & ~hit
+    # Put this tap's share back at rows i, i+stride, ... (interior padding).
+    cfg = [(0, 0, 0),
+           (i, x.shape[1] - i - stride * (y.shape[1] - 1) - 1, stride - 1),
+           (j, x.shape[2] - j - stride * (y.shape[2] - 1) - 1, stride - 1),
+           (0, 0, 0)]
+    dx = dx + jax.lax.pad(jnp.where(hit, g, zero), zero, cfg)
+  return (dx,)
+
+
+max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
+
+
+def _xla_conv(x: jax.Array, kernel: jax.Array, stride: int,
+              padding: tuple[int, int]) -> jax.Array:
+  return jax.lax.conv_general_dilated(
+      x, kernel, (stride, stride), (padding, padding),
+      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def _space_to_depth_patches(x: jax.Array, kh: int, kw: int, stride: int,
+                            padding: tuple[int, int]) -> jax.Array:
+  """im2col of a strided conv: [B, OH, OW, qh*qw*stride*stride*C], q = ceil(k/stride).
+
+  Blocks of stride x stride pixels become channels first (one reshape/transpose), so
+  the patches are qh*qw slices of contiguous channel blocks rather than kh*kw slices
+  of C=3 channels: ~2x faster to build on XLA CPU. Patch column
+  ((qi*qw + qj)*stride + ri)*stride + rj)*C + c holds kernel tap
+  (qi*stride + ri, qj*stride + rj, c); the kernel gradient's taps past kh, kw are
+  computed and then dropped.
+  """
+  b, h, w, c = x.shape
+  oh = (h + sum(padding) - kh) // stride + 1
+  ow = (w + sum(padding) - kw) // stride + 1
+  qh, qw = -(-kh // stride), -(-kw // stride)
+  hp, wp = (oh - 1 + qh) * stride, (ow - 1 + qw) * stride
+  # Rows past the padded input that the windows never reach are cropped, missing
+  # ones zero-filled: either way they meet only the kernel's zero padding.
+  x = jnp.pad(x, ((0, 0), (padding[0], max(0, hp - h - padding[0])),
+                  (padding[0], max(0, wp - w - padding[0])), (0, 0)))[:, :hp, :wp]
+  x = x.reshape(b, hp // stride, stride, wp // stride, stride, c)
+  x = x.transpose(0, 1, 3, 2, 4, 5).reshape(b, hp // stride, wp // stride, stride * stride * c)
+  return jnp.concatenate([x[:, i:i + oh, j:j + ow] for i in range(qh) for j in range(qw)],
+                         axis=-1)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _strided_conv(x: jax.Array, kernel: jax.Array, stride: int,
+                  padding: tuple[int, int]) -> jax.Array:
+  """XLA's conv, but with the kernel gradient as im2col + one matmul.
+
+  XLA CPU's kernel-gradient convolution for conv1 (11x11, stride 4, 3 input
+  channels) is its slowest op: ~5x the forward conv (BENCHMARKS.md). The patches
+  are built only in the backward pass (both towers share them: same input, so XLA
+  computes them once), so the forward pass and evaluation keep XLA's fast conv.
+  """
+  return _xla_conv(x, kernel, stride, padding)
+
+
+def _strided_conv_fwd(x, kernel, stride, padding):
+  return _xla_conv(x, kernel, stride, padding), (x, kernel)
+
+
+def _strided_conv_bwd(stride, padding, res, g):
+  x, kernel = res
+  kh, kw, cin, cout = kernel.shape
+  patches = _space_to_depth_patches(x, kh, kw, stride, padding)
+  # g^T @ patches rather than patches^T @ g: contracting over the patches' major
+  # dimension lets XLA feed them to the matmul as they are, where the other order
+  # made it transpose all of them first (~0.5 GB at batch 32).
+  # In the compute dtype, like XLA's own kernel-gradient conv (XLA CPU has no
+  # bf16 x bf16 -> f32 kernel for this dot's layout).
+  dk = jnp.einsum("bhwo,bhwk->ok", g, patches.astype(g.dtype)).T
+  qh, qw = -(-kh // stride), -(-kw // stride)
+  dk = dk.reshape(qh, qw, stride, stride, cin, cout).transpose(0, 2, 1, 3, 4, 5)
+  dk = dk.reshape(qh * stride, qw * stride, cin, cout)[:kh, :kw].astype(kernel.dtype)
+  # The input gradient (unused for conv1, whose input is the image: XLA drops it).
+  _, vjp_x = jax.vjp(lambda x: _xla_conv(x, kernel, stride, padding), x)
+  return vjp_x(g)[0], dk
+
+
+_strided_conv.defvjp(_strided_conv_fwd, _strided_conv_bwd)
 
 
 def conv(x: jax.Array, kernel: jax.Array, bias: jax.Array, stride: int,
          padding: tuple[int, int]) -> jax.Array:
-  y = jax.lax.conv_general_dilated(
-      x, kernel, (stride, stride), (padding, padding),
-      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  # The im2col kernel gradient answers a weakness of XLA's CPU convolutions;
+  # GPUs (cuDNN) keep XLA's own.
+  if stride > 1 and jax.default_backend() == "cpu":
+    y = _strided_conv(x, kernel, stride, tuple(padding))
+  else:
+    y = _xla_conv(x, kernel, stride, padding)
   return y + bias
 
 
@@ -250,8 +382,11 @@ class AlexNet:
         xs = [exchange(xs)] * local_towers
       xs = [x.reshape(x.shape[0], -1) for x in xs]
       p = params[name]
-      xs = [x @ p["kernel"][t].astype(dtype) + p["bias"][t].astype(dtype)
-            for t, x in enumerate(xs)]
+      # One matmul batched over the tower axis: `p["kernel"][t]` would copy each
+      # tower's slice of the big fc kernels (fc6: 75 MB) every step, forward and
+      # backward (BENCHMARKS.md); stacking the small activations instead is cheap.
+      ys = jnp.einsum("tbi,tio->tbo", jnp.stack(xs), p["kernel"].astype(dtype))
+      xs = list(ys + p["bias"].astype(dtype)[:, None, :])
       if capture:
         captured[name] = jnp.stack(xs)
       if name != "fc8":
