@@ -124,6 +124,14 @@ def decode_centre_square(data: tf.Tensor, size: int, antialias: bool = False) ->
   when set) shrinking is antialiased as PIL's ANTIALIAS in the 2012 data preparation, at
   about half the pipeline's speed on ILSVRC-sized images, hence off by default.
   """
+  return quantize(decode_centre_square_float(data, size, antialias))
+
+
+def decode_centre_square_float(data: tf.Tensor, size: int,
+                               antialias: bool = False) -> tf.Tensor:
+  """`decode_centre_square` before rounding: float32 [size, size, 3], values in about
+  [0, 255]. Crop it first and `quantize` the crop when only a crop is needed: rounding
+  is per pixel, so the result is the same and the rounding touches fewer pixels."""
   is_jpeg = tf.strings.substr(data, 0, len(_JPEG_MAGIC)) == _JPEG_MAGIC
 
   def centre_window(h, w):
@@ -139,13 +147,21 @@ def decode_centre_square(data: tf.Tensor, size: int, antialias: bool = False) ->
     win = centre_window(tf.shape(img)[0], tf.shape(img)[1])
     return tf.image.crop_to_bounding_box(img, win[0], win[1], win[2], win[3])
 
-  img = tf.cond(is_jpeg, jpeg, other)
+  # Resize from float32, not uint8: TF's bilinear kernel for uint8 input is about twice
+  # as slow as cast + float32 kernel (0.37 vs 0.19 ms on a 224x224 image, the largest
+  # single cost of the pipeline), and the results are bit-identical (the kernel computes
+  # in float32 either way; checked on every imagenet-tiny file, with and without
+  # antialiasing).
+  img = tf.cast(tf.cond(is_jpeg, jpeg, other), tf.float32)
   # Antialiasing only changes a downscale and costs 2-3x the plain bilinear resize.
   if antialias:
-    img = tf.cond(
+    return tf.cond(
         tf.shape(img)[0] > size,
         lambda: tf.image.resize(img, [size, size], method="bilinear", antialias=True),
         lambda: tf.image.resize(img, [size, size], method="bilinear"))
-  else:
-    img = tf.image.resize(img, [size, size], method="bilinear")
+  return tf.image.resize(img, [size, size], method="bilinear")
+
+
+def quantize(img: tf.Tensor) -> tf.Tensor:
+  """Float pixels -> uint8, rounded to nearest and clipped to [0, 255]."""
   return tf.cast(tf.round(tf.clip_by_value(img, 0.0, 255.0)), tf.uint8)
