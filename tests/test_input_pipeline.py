@@ -192,6 +192,11 @@ def test_published_statistics_and_mean_modes(tmp_path):
     c.input.mean = mode
     got = next(ip.eval_batches(c, ten_crop=False))["image"][0]
     np.testing.assert_allclose(got[..., :2], (raw - sub)[..., :2], atol=1e-4)
+  # Explicit per-channel values (e.g. torchvision's) replace the computed ones.
+  c.input.mean, c.input.mean_rgb = "per_channel", (123.675, 116.28, 103.53)
+  got = next(ip.eval_batches(c, ten_crop=False))["image"][0]
+  np.testing.assert_allclose(got[..., :2], (raw - c.input.mean_rgb)[..., :2], atol=1e-4)
+  c.input.mean_rgb = None
   c.input.mean = "per_pixel"
   val0 = coord_image(100)[16:16 + S, 16:16 + S].astype(np.float32)
   np.testing.assert_allclose(ip.preprocess_image_files(c, [tmp_path / "t/val/class0/000.png"])[0],

@@ -322,7 +322,8 @@ def _needed_stats(config, a: AugmentConfig, train: bool) -> stats_lib.Stats | No
   mode = config.input.mean
   if mode not in _MEAN_MODES:
     raise ValueError(f"config.input.mean must be one of {_MEAN_MODES}, got {mode!r}")
-  if mode in ("per_pixel", "per_channel") or (train and a.pca_jitter):
+  explicit = mode == "per_channel" and config.input.get("mean_rgb") is not None
+  if (mode in ("per_pixel", "per_channel") and not explicit) or (train and a.pca_jitter):
     return statistics(config)
   return None
 
@@ -338,6 +339,9 @@ def _mean_crop(config, a: AugmentConfig, stats: stats_lib.Stats | None = None) -
     return np.zeros([3], np.float32)
   if mode == "published":
     return stats_lib.PUBLISHED_MEAN_RGB.astype(np.float32)
+  if mode == "per_channel" and config.input.get("mean_rgb") is not None:
+    # Given values (e.g. torchvision's, for imported weights), not the training set's.
+    return np.asarray(config.input.mean_rgb, np.float32)
   stats = stats or statistics(config)
   if mode == "per_channel":
     return stats.mean_rgb.astype(np.float32)
