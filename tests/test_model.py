@@ -166,12 +166,7 @@ def test_init_statistics_match_the_config(make_config, stds, biases):
 
 def _variant(**changes):
   config = alexnet.get_config("smoke")
-  for key, value in changes.items():
-    target = config
-    *path, leaf = key.split(".")
-    for part in path:
-      target = target[part]
-    target[leaf] = value
+  config.update_from_flattened_dict(changes)
   return config
 
 

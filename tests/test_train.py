@@ -30,12 +30,7 @@ def _config(cache_dir, **overrides):
   config = alexnet.get_config("smoke")
   config.dataset.cache_dir = cache_dir
   config.eval_ten_crop = False
-  for key, value in overrides.items():
-    target = config
-    *path, leaf = key.split(".")
-    for part in path:
-      target = target[part]
-    target[leaf] = value
+  config.update_from_flattened_dict(overrides)
   return config
 
 
