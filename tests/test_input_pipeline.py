@@ -411,7 +411,7 @@ def test_unprepared_tfds_fails_fast_with_instructions(tmp_path, name):
     ip.dataset_info(c)
   assert time.time() - t < 10
   msg = str(e.value)
-  assert f"tfds build {name}" in msg and str(tmp_path / "tfds") in msg
+  assert f"{sources.PREPARE_COMMAND} {name}" in msg and str(tmp_path / "tfds") in msg
   if name == "imagenet2012":
     for f in ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar", str(tmp_path / "manual"),
               "config.dataset.manual_dir"):

@@ -15,9 +15,12 @@ let alone decodes, the examples it skips.
   parsed; seconds for ImageNet) and cached under `dataset.cache_dir`. Records are
   fetched by a `tf.py_function` (file reads release the GIL, so parallel calls overlap)
   and parsed in-graph as the tf.train.Example TFDS wrote. The example index is the
-  position in the concatenation of the split's shards in file order.
+  position in the concatenation of the split's shards in file order (TFDS's own read
+  order without shuffle_files). A dataset whose builder code is not importable here
+  (prepared elsewhere from a custom builder) is opened from its files alone.
 
-Nothing here ever triggers a TFDS download: preparedness is checked from files on disk.
+Nothing here ever triggers a TFDS download: preparedness is checked from files on disk,
+and the error for an unprepared dataset gives the `alexnet_jax.data.prepare` command.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import functools
 import hashlib
 import json
 import os
+import shlex
 import struct
 import threading
 from collections.abc import Callable
@@ -39,7 +43,10 @@ from alexnet_jax.data._tf import tf
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 # ILSVRC-2012 files TFDS imagenet2012 needs in its manual_dir.
 IMAGENET_TARS = ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar")
-_INDEX_VERSION = 1
+# Record formats with a reader below; TFDS can also write riegeli and parquet.
+TFDS_FILE_FORMATS = ("tfrecord", "array_record")
+PREPARE_COMMAND = "python -m alexnet_jax.data.prepare"
+_INDEX_VERSION = 2  # 2: the cache key also holds each shard's mtime
 
 
 class DatasetNotFoundError(FileNotFoundError):
@@ -179,23 +186,51 @@ class TfdsSource(Source):
     self._cache_dir = os.path.expanduser(d.cache_dir)
     data_dir = os.path.expanduser(d.data_dir) if d.data_dir else None
     try:
+      # With no builder code for the name, TFDS opens a dataset prepared in data_dir from
+      # its files alone.
       builder = tfds.builder(d.name, data_dir=data_dir)
     except tfds.core.registered.DatasetNotFoundError as e:
+      # TFDS's message goes on to list every dataset it has (~9 KB); its first line says it.
+      first = (str(e).strip().splitlines() or [""])[0]
       raise DatasetNotFoundError(
-          f"config.dataset.name={d.name!r} is neither 'demo', 'image_folder' nor a TFDS "
-          f"dataset: {e}") from None
+          f"config.dataset.name={d.name!r} is neither 'demo', 'image_folder', a TFDS "
+          f"dataset, nor a dataset prepared in config.dataset.data_dir="
+          f"{data_dir or '(TFDS default)'}: {first}") from None
+    except ValueError as e:  # e.g. an unknown config or version of a known dataset
+      raise DatasetNotFoundError(f"config.dataset.name={d.name!r}: {str(e)[:2000]}") from None
     if not tf.io.gfile.exists(os.path.join(builder.data_dir, "dataset_info.json")):
       raise DatasetNotFoundError(_not_prepared_message(builder, config))
     self._builder = builder
     info = builder.info
+    self._format = info.file_format.value if info.file_format else "tfrecord"
+    if self._format not in TFDS_FILE_FORMATS:
+      raise DatasetNotFoundError(
+          f"TFDS {d.name} in {builder.data_dir} is stored as {self._format}; this pipeline "
+          f"reads {' or '.join(TFDS_FILE_FORMATS)}: rebuild it with {PREPARE_COMMAND} "
+          f"{d.name} --file_format=array_record into another config.dataset.data_dir")
     self._image_key, self._label_key = info.supervised_keys or ("image", "label")
+    image, label = (info.features[k] if k in info.features else None
+                    for k in (self._image_key, self._label_key))
+    if not (isinstance(image, tfds.features.Image)
+            and isinstance(label, tfds.features.ClassLabel)):
+      # Records are parsed as encoded image bytes and an int64 class index.
+      raise ValueError(
+          f"TFDS {d.name} is not an image classification dataset this pipeline reads: it "
+          f"needs an Image feature {self._image_key!r} and a ClassLabel {self._label_key!r} "
+          f"(its supervised_keys), and has {info.features}")
+    # imagenet2012 (and others) store the source file name: bad-image reports then name
+    # the original file, not just the record index.
+    features = info.features
+    self._file_name_key = (
+        "file_name" if isinstance(features, tfds.features.FeaturesDict)
+        and "file_name" in features and isinstance(features["file_name"], tfds.features.Text)
+        else None)
     self._splits = {"train": d.train_split, "eval": d.eval_split}
     for which, split in self._splits.items():
       if split not in info.splits:
         raise DatasetNotFoundError(
             f"TFDS {d.name} in {builder.data_dir} has no split {split!r} (config.dataset."
             f"{which if which == 'eval' else 'train'}_split); it has {list(info.splits)}")
-    label = info.features[self._label_key]
     self.identity = f"tfds:{d.name}:{builder.version}:{os.path.realpath(builder.data_dir)}"
     self.info = DatasetInfo(
         num_classes=label.num_classes,
@@ -211,8 +246,7 @@ class TfdsSource(Source):
     if which not in self._readers:
       split_info = self._builder.info.splits[self._splits[which]]
       paths = [os.fspath(p) for p in split_info.filepaths]
-      fmt = str(getattr(self._builder.info.file_format, "value", "tfrecord"))
-      if fmt == "array_record":
+      if self._format == "array_record":
         self._readers[which] = _ArrayRecordReader(paths)
       else:
         self._readers[which] = _TfRecordReader(paths, self._cache_dir)
@@ -225,20 +259,35 @@ class TfdsSource(Source):
                          f"disk, {self.split_size(which)} in dataset_info.json")
     spec = {self._image_key: tf.io.FixedLenFeature([], tf.string),
             self._label_key: tf.io.FixedLenFeature([], tf.int64)}
+    if self._file_name_key:
+      spec[self._file_name_key] = tf.io.FixedLenFeature([], tf.string, default_value="")
     prefix = f"{self.name}/{self._splits[which]}["
 
     def load(index):
       record = tf.py_function(lambda i: reader.read(int(i)), [index], tf.string)
+      record.set_shape([])  # py_function drops the static shape; parsing wants a scalar
       ex = tf.io.parse_single_example(record, spec)
-      name = tf.strings.join([prefix, tf.strings.as_string(index), "]"])
-      return ex[self._image_key], ex[self._label_key], name
+      parts = [prefix, tf.strings.as_string(index), "]"]
+      if self._file_name_key:
+        parts += [" ", ex[self._file_name_key]]
+      return ex[self._image_key], ex[self._label_key], tf.strings.join(parts)
     return load
 
 
 def _not_prepared_message(builder, config) -> str:
   d = config.dataset
-  data_dir = os.path.dirname(os.path.dirname(builder.data_dir))  # strip <name>/<version>
-  if d.name == "imagenet2012":
+  data_dir = os.fspath(builder.data_dir_root)  # what <name>[/<config>]/<version> is under
+  command = f"{PREPARE_COMMAND} {shlex.quote(d.name)}"
+  found = _prepared_versions(builder)
+  if found:
+    # E.g. an older TFDS built imagenet2012 5.0.0; this one's code asks for 5.1.0.
+    base = builder.name + (f"/{builder.builder_config.name}" if builder.builder_config else "")
+    found = (f"\n({os.path.dirname(builder.data_dir)} holds version(s) {', '.join(found)}, "
+             f"not {builder.version}: config.dataset.name='{base}:{found[-1]}' reads "
+             f"{found[-1]}.)")
+  else:
+    found = ""
+  if builder.name == "imagenet2012":
     manual = os.path.expanduser(d.manual_dir) if d.manual_dir else os.path.join(
         data_dir, "downloads", "manual")
     present = [t for t in IMAGENET_TARS if os.path.exists(os.path.join(manual, t))]
@@ -247,13 +296,25 @@ def _not_prepared_message(builder, config) -> str:
             "(config.dataset.manual_dir), then build it" if missing else
             f"the tars are in {manual}; build it")
     return (f"TFDS imagenet2012 is not prepared in {data_dir} (config.dataset.data_dir): "
-            f"{step} once, offline, with\n  tfds build imagenet2012 --manual_dir={manual} "
-            f"--data_dir={data_dir}\n(add --file_format=array_record for faster random "
-            "access), or point config.dataset.name='image_folder' and "
-            "config.dataset.image_folder at an extracted ROOT/{train,val}/<wnid>/*.JPEG tree.")
+            f"{step} once, offline, with\n  {command} --manual_dir={shlex.quote(manual)} "
+            f"--data_dir={shlex.quote(data_dir)}\n(--file_format=array_record also works "
+            "and needs no record index scan), or point config.dataset.name='image_folder' "
+            "and config.dataset.image_folder at an extracted ROOT/{train,val}/<wnid>/*.JPEG "
+            f"tree.{found}")
   return (f"TFDS {d.name} is not prepared in {data_dir} (config.dataset.data_dir). Prepare "
-          f"it once on a machine with network access:\n  tfds build {d.name} "
-          f"--data_dir={data_dir}\nThis pipeline never downloads.")
+          f"it once on a machine with network access:\n  {command} "
+          f"--data_dir={shlex.quote(data_dir)}\nThis pipeline never downloads.{found}")
+
+
+def _prepared_versions(builder) -> list[str]:
+  """Versions of the builder's dataset (and config) prepared in its data_dir, sorted."""
+  parent = os.path.dirname(builder.data_dir)
+  if not os.path.isdir(parent):
+    return []
+  found = [e.name for e in os.scandir(parent)
+           if os.path.exists(os.path.join(e.path, "dataset_info.json"))]
+  return sorted(found, key=lambda v: tuple(int(x) if x.isdigit() else -1
+                                           for x in v.split(".")))
 
 
 class _RecordReader:
@@ -284,7 +345,8 @@ class _TfRecordReader(_RecordReader):
 
   def __init__(self, paths: list[str], cache_dir: str):
     self._paths = paths
-    stamp = [(os.path.realpath(p), os.path.getsize(p)) for p in paths]
+    # A rebuilt dataset may reuse the paths (and even sizes); mtime tells it apart.
+    stamp = [(os.path.realpath(p), os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in paths]
     key = hashlib.sha1(json.dumps([_INDEX_VERSION, stamp]).encode()).hexdigest()[:16]
     cache = os.path.join(cache_dir, "tfrecord_index", f"{key}.npz")
     if os.path.exists(cache):
@@ -320,7 +382,14 @@ def _scan_tfrecords(paths: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarra
       pos = 0
       while pos < size:
         f.seek(pos)
-        (n,) = struct.unpack("<Q", f.read(8))
+        header = f.read(8)
+        n = struct.unpack("<Q", header)[0] if len(header) == 8 else -1
+        if n < 0 or pos + 12 + n + 4 > size:
+          # A shard cut short (interrupted copy, full disk): fail here, naming it, rather
+          # than later as an unparseable record in the middle of training.
+          raise DatasetNotFoundError(
+              f"TFRecord shard {p} is truncated: the record at byte {pos} does not fit in "
+              f"its {size} bytes; copy or prepare the dataset again")
         shard.append(s)
         offset.append(pos + 12)
         length.append(n)
