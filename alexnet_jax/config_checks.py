@@ -91,6 +91,11 @@ def check_mesh(config: ml_collections.ConfigDict, num_devices: int) -> tuple[int
   _require(config.batch_size % data == 0, "batch_size",
            f"global batch {config.batch_size} does not divide over the {data} devices of "
            f"the data axis; use a multiple of {data}")
+  local = config.batch_size // data
+  _require(config.microbatch_size >= 0 and local % max(config.microbatch_size, 1) == 0,
+           "microbatch_size",
+           f"{config.microbatch_size} does not divide the per-device batch {local} "
+           f"(batch_size {config.batch_size} over {data} data devices); use a divisor or 0")
   _require(config.eval_batch_size % data == 0, "eval_batch_size",
            f"eval batch {config.eval_batch_size} does not divide over the {data} devices of "
            f"the data axis; use a multiple of {data}")

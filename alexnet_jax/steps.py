@@ -116,9 +116,13 @@ def make_train_step(config: ml_collections.ConfigDict, mesh: Mesh, steps_per_epo
     first = jax.lax.axis_index(DATA) * local_batch
     keys = jax.vmap(jax.random.fold_in, (None, 0))(rng, first + jnp.arange(local_batch))
 
-    def loss_fn(params):
-      logits = model.apply(params, batch["image"], train=True, rng=keys, tower_axis=MODEL)
-      loss = _cross_entropy(logits, batch["label"]).mean()
+    images, labels = batch["image"], batch["label"]
+    micro = config.microbatch_size or local_batch
+    chunks = local_batch // micro
+
+    def loss_fn(params, images, labels, keys):
+      logits = model.apply(params, images, train=True, rng=keys, tower_axis=MODEL)
+      loss = _cross_entropy(logits, labels).sum() / local_batch
       # Each model-axis device holds the same (gathered) logits; the all_gather
       # transposes to a reduce-scatter that sums their cotangents, so each
       # device differentiates its 1/model_devices share of the loss.
@@ -128,13 +132,26 @@ def make_train_step(config: ml_collections.ConfigDict, mesh: Mesh, steps_per_epo
     # (replicated) parameters, so the gradient is local; then average it
     # explicitly. (Through the replicated params, autodiff would psum it.)
     local_params = _vary(state.params, DATA)
-    grads, (loss, logits) = jax.grad(loss_fn, has_aux=True)(local_params)
+    grad_fn = jax.grad(loss_fn, has_aux=True)
+    if chunks == 1:
+      grads, (loss, logits) = grad_fn(local_params, images, labels, keys)
+    else:
+      # The local batch in `chunks` sequential micro-batches, gradients summed:
+      # the same gradient (each example's loss is still / local_batch), with one
+      # micro-batch's activations live at a time, which keeps them in cache.
+      grads, loss, logits = None, 0.0, []
+      for i in range(chunks):
+        part = slice(i * micro, (i + 1) * micro)
+        g, (l, lg) = grad_fn(local_params, images[part], labels[part], keys[part])
+        grads = g if grads is None else jax.tree.map(jnp.add, grads, g)
+        loss, logits = loss + l, logits + [lg]
+      logits = jnp.concatenate(logits)
     grads = jax.lax.pmean(grads, DATA)
     lr = schedule(state.step) * state.plateau.scale
     opt_state = optim.set_learning_rate(state.opt_state, lr)
     updates, opt_state = optimizer.update(grads, opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    top1, top5 = _errors(logits, batch["label"])
+    top1, top5 = _errors(logits, labels)
     metrics = {
         "loss": loss, "top1_error": top1.mean(), "top5_error": top5.mean(),
     }

@@ -10,13 +10,15 @@ from jax.sharding import PartitionSpec as P
 from alexnet_jax import config_checks, parallel, steps
 from experiments import alexnet
 
-MESHES = [(1, 1), (1, 2), (4, 2), (8, 1)]
+# (data, model, microbatch_size): every way to split a step must agree with (1, 1, 0).
+MESHES = [(1, 1, 0), (1, 2, 0), (4, 2, 0), (8, 1, 0), (1, 1, 4), (4, 2, 2)]
 
 
-def _config(data, model):
+def _config(data, model, microbatch=0):
   config = alexnet.get_config("smoke")
   config.batch_size = 16
   config.eval_batch_size = 8
+  config.microbatch_size = microbatch
   config.mesh.data, config.mesh.model = data, model
   return config
 
@@ -28,9 +30,9 @@ def _batches(n, batch_size=16, seed=0):
 
 
 @functools.cache
-def _run(data, model, num_steps=2):
+def _run(data, model, microbatch=0, num_steps=2):
   """Steps on one mesh: final params, per-step metrics, the step function, state."""
-  config = _config(data, model)
+  config = _config(data, model, microbatch)
   mesh = parallel.make_mesh(config)
   state = steps.create_train_state(config, mesh)
   train_step = steps.make_train_step(config, mesh, steps_per_epoch=100)
@@ -41,10 +43,10 @@ def _run(data, model, num_steps=2):
   return jax.device_get(state.params), history, train_step, state, mesh
 
 
-@pytest.mark.parametrize("data,model", MESHES[1:])
-def test_every_mesh_gives_the_same_step(data, model):
+@pytest.mark.parametrize("data,model,microbatch", MESHES[1:])
+def test_every_mesh_gives_the_same_step(data, model, microbatch):
   ref_params, ref_metrics, *_ = _run(1, 1)
-  params, metrics, *_ = _run(data, model)
+  params, metrics, *_ = _run(data, model, microbatch)
   for (path, want), got in zip(jax.tree_util.tree_leaves_with_path(ref_params),
                                jax.tree.leaves(params), strict=True):
     scale = np.abs(want).max()
@@ -90,6 +92,12 @@ def test_indivisible_batch_is_rejected():
   config = _config(4, 2)
   config.batch_size = 10
   with pytest.raises(config_checks.ConfigError, match=r"config.batch_size: .*10.* 4 devices"):
+    parallel.make_mesh(config)
+
+
+def test_microbatch_that_does_not_divide_the_device_batch_is_rejected():
+  config = _config(4, 2, microbatch=3)  # 16 over 4 data devices = 4 per device
+  with pytest.raises(config_checks.ConfigError, match=r"config.microbatch_size: 3 .* batch 4"):
     parallel.make_mesh(config)
 
 
