@@ -92,6 +92,11 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   # computing them; e.g. torchvision's (123.675, 116.28, 103.53) for imported weights.
   i.mean_rgb = ml_collections.config_dict.placeholder(tuple)
   i.resize_antialias = False  # PIL-style antialiased resize: smoother, ~2x slower decode
+  # Training reads stored R x R uint8 squares (decoded once, as the paper pre-downsampled
+  # to 256x256) instead of decoding JPEGs every epoch: same pixels, several times less CPU
+  # per image; R*R*3 bytes per image on disk under dataset.cache_dir (~250 GB for
+  # ILSVRC-2012 at 256). See alexnet_jax/data/square_cache.py.
+  i.square_cache = False
   i.stats_max_images = 10_000  # training images sampled for mean/PCA stats
   i.random_crop = True
   i.flip = True

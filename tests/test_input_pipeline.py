@@ -434,3 +434,33 @@ def test_missing_image_folder_fails_fast(tmp_path):
   with pytest.raises(sources.DatasetNotFoundError, match="eval_split"):
     ip.dataset_info(c)
   assert time.time() - t < 10
+
+
+# ------------------------------------------------------------------ square cache
+
+
+def test_square_cache_gives_the_same_stream(tmp_path):
+  """input.square_cache: byte-identical batches (bad files substituted alike), resumable,
+  built once and reused."""
+  tree = tmp_path / "tree"
+  synthetic_odd_tree(tree / "train")
+  shutil.copytree(tree / "train", tree / "val")
+  c = make_config(tmp_path, tree, stats="published", mean="published")
+  c.batch_size = 4
+  want = take(ip.train_batches(c, start_step=1), 5)
+  c.input.square_cache = True
+  log = ip.BadImageLog()
+  got = take(ip.train_batches(c, start_step=1, bad_images=log), 5)
+  for w, g in zip(want, got, strict=True):
+    np.testing.assert_array_equal(w["image"], g["image"])
+    np.testing.assert_array_equal(w["label"], g["label"])
+  assert {os.path.basename(p) for p in log.paths} == {"x_truncated.JPEG", "x_empty.JPEG"}
+  built = list((tmp_path / "cache" / "squares").iterdir())
+  assert len(built) == 1 and len(list(built[0].glob("*.u8"))) == 4  # 6 files, 2 bad
+  stamp = os.path.getmtime(built[0] / "valid.npy")
+  again = take(ip.train_batches(c, start_step=1), 5)
+  assert os.path.getmtime(built[0] / "valid.npy") == stamp
+  np.testing.assert_array_equal(again[-1]["image"], want[-1]["image"])
+  c.input.on_bad_image = "error"
+  with pytest.raises(ip.BadImageError):
+    take(ip.train_batches(c), 5)

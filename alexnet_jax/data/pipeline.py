@@ -13,7 +13,9 @@ substitute drawn from (seed, epoch, index), also pure, so batches stay full and 
 stream still equals the uninterrupted one; the bad file is recorded in the BadImageLog.
 (A file that passes the check but still fails to decode, i.e. is corrupt in the middle,
 is dropped by `ignore_errors`, which keeps the run alive but shifts the rest of that
-stream by one example; TF logs it.) In evaluation a bad file gets mask=False instead, so
+stream by one example; TF logs it. With `config.input.square_cache` such a file is marked
+invalid when the cache is built and substituted like the others, so that stream is not
+shifted.) In evaluation a bad file gets mask=False instead, so
 every process still yields the same number of batches.
 
 Per-example work keeps control flow (tf.cond / while_loop) off the common path: inside a
@@ -29,6 +31,7 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
+from alexnet_jax.data import square_cache
 from alexnet_jax.data import stats as stats_lib
 from alexnet_jax.data._tf import AUTOTUNE, parallel_calls, tf
 from alexnet_jax.data.augment import (
@@ -225,17 +228,29 @@ def train_dataset(config, *, start_step: int = 0, process_index: int = 0,
 
   stats = _needed_stats(config, a, train=True)
   mean = _mean_crop(config, a, stats)
+  cached = bool(config.input.get("square_cache", False))
+  if cached:
+    path, valid, labels = square_cache.ensure(config, source, "train")
+    load_square = square_cache.loader(path, a.resize_size)
+
+  def cropped(index, ex_seed, oy, ox, flip):
+    """float32 [S, S, 3] integer-valued pixels of the example's crop, and its label."""
+    if cached:
+      index, label = _cached_with_substitutes(load, valid, labels, index, ex_seed, n, log)
+      return tf.cast(crop(load_square(index), oy, ox, a.crop_size, flip), tf.float32), label
+    data, label = _load_with_substitutes(load, index, ex_seed, n, log)
+    img = decode_centre_square_float(data, a.resize_size, a.antialias)
+    # Crop, then round: the same pixels as rounding the whole square to uint8 first and
+    # casting back (as the cache stores it), with no uint8 round trip and the rounding on
+    # 224^2, not 256^2 pixels. The float work stays per image: there the image is
+    # cache-resident, while the same ops on a whole batch (tens of MB) measured ~10%
+    # slower per image.
+    return tf.round(tf.clip_by_value(crop(img, oy, ox, a.crop_size, flip), 0.0, 255.0)), label
 
   def example(index, epoch):
     ex_seed = example_seed(seed, epoch, index)
-    data, label = _load_with_substitutes(load, index, ex_seed, n, log)
-    img = decode_centre_square_float(data, a.resize_size, a.antialias)
     oy, ox, flip, alpha = augment_params(ex_seed, a)
-    # Crop, then round: the same pixels as rounding the whole square to uint8 first and
-    # casting back, with no uint8 round trip and the rounding on 224^2, not 256^2 pixels.
-    # The float work stays per image: there the image is cache-resident, while the same
-    # ops on a whole batch (tens of MB) measured ~10% slower per image.
-    x = tf.round(tf.clip_by_value(crop(img, oy, ox, a.crop_size, flip), 0.0, 255.0))
+    x, label = cropped(index, ex_seed, oy, ox, flip)
     x = _subtract_mean(x, mean, a.crop_size)
     if a.pca_jitter:
       off = pca_offset(alpha, stats.eigvals, stats.eigvecs, a.pca_scale)
@@ -247,7 +262,7 @@ def train_dataset(config, *, start_step: int = 0, process_index: int = 0,
   npc = parallel_calls(config)
   ds = tf.data.Dataset.range(start_epoch, np.iinfo(np.int64).max).flat_map(epoch_examples)
   ds = ds.map(example, num_parallel_calls=npc, deterministic=True)
-  if log.on_bad_image == "skip":
+  if log.on_bad_image == "skip" and not cached:  # the cache's reads have no decoder to fail
     ds = ds.ignore_errors(log_warning=True)
   ds = ds.batch(b, drop_remainder=True)
   return ds.prefetch(AUTOTUNE).with_options(_options())
@@ -316,6 +331,39 @@ def _load_with_substitutes(load, index, ex_seed, n: int, log: BadImageLog):
       return tf.identity(data2), tf.identity(label2)
 
   return tf.cond(is_valid_image(data), lambda: (data, label), substitute)
+
+
+def _cached_with_substitutes(load, valid: np.ndarray, labels: np.ndarray, index, ex_seed,
+                             n: int, log: BadImageLog):
+  """`_load_with_substitutes` for the square cache -> (index to read, its label).
+
+  Same substitutes (the same draws from `ex_seed`), chosen by the validity the cache
+  recorded instead of by checking bytes; the original files are opened only to name bad
+  ones in `log`."""
+  valid_t = tf.constant(valid)
+  labels_t = tf.constant(labels)
+  index = tf.cast(index, tf.int64)
+
+  def substitute():
+    def body(t, candidate, ok):
+      candidate = tf.random.stateless_uniform(
+          [], tf.random.experimental.stateless_fold_in(ex_seed, tf.cast(t, tf.int64)),
+          minval=0, maxval=n, dtype=tf.int64)
+      ok = tf.gather(valid_t, candidate)
+      ok = tf.cond(ok, lambda: ok, lambda: record_bad(load(candidate)[2], log))
+      return t + 1, candidate, ok
+
+    init = (tf.constant(1), index, record_bad(load(index)[2], log))
+    _, candidate, ok = tf.while_loop(
+        lambda t, c, ok: tf.logical_and(tf.logical_not(ok), t < _MAX_SUBSTITUTION_TRIES),
+        body, init)
+    check = tf.debugging.Assert(
+        ok, [f"{_MAX_SUBSTITUTION_TRIES} undecodable training files in a row; see the log"])
+    with tf.control_dependencies([check]):
+      return tf.identity(candidate)
+
+  index = tf.cond(tf.gather(valid_t, index), lambda: index, substitute)
+  return index, tf.gather(labels_t, index)
 
 
 def _needed_stats(config, a: AugmentConfig, train: bool) -> stats_lib.Stats | None:
