@@ -24,6 +24,7 @@ def main(argv=None) -> None:
   p.add_argument("--data", type=int, default=1)
   p.add_argument("--model", type=int, default=1)
   p.add_argument("--steps", type=int, default=3)
+  p.add_argument("--microbatch", type=int, default=0, help="config.microbatch_size")
   p.add_argument("--eval", action="store_true", help="time the ten-crop eval step instead")
   p.add_argument("--set", action="append", default=[],
                  help="config.model field=value (python literal), repeatable")
@@ -50,7 +51,8 @@ def main(argv=None) -> None:
       fields[k] = v
   config = common.config_for(args.batch, args.dtype, data=args.data, model=args.model,
                              **fields)
-  out = dict(batch=args.batch, dtype=args.dtype, devices=len(jax.devices()),
+  config.microbatch_size = args.microbatch
+  out = dict(batch=args.batch, microbatch=args.microbatch, dtype=args.dtype, devices=len(jax.devices()),
              platform=jax.devices()[0].platform, data=args.data, model=args.model,
              jax=jax.__version__, fields=fields)
   if args.eval:
