@@ -142,9 +142,10 @@ def make_train_step(config: ml_collections.ConfigDict, mesh: Mesh, steps_per_epo
       grads, loss, logits = None, 0.0, []
       for i in range(chunks):
         part = slice(i * micro, (i + 1) * micro)
-        g, (l, lg) = grad_fn(local_params, images[part], labels[part], keys[part])
+        g, (part_loss, part_logits) = grad_fn(local_params, images[part], labels[part],
+                                              keys[part])
         grads = g if grads is None else jax.tree.map(jnp.add, grads, g)
-        loss, logits = loss + l, logits + [lg]
+        loss, logits = loss + part_loss, logits + [part_logits]
       logits = jnp.concatenate(logits)
     grads = jax.lax.pmean(grads, DATA)
     lr = schedule(state.step) * state.plateau.scale

@@ -408,7 +408,7 @@ def main(argv=None) -> None:
     args.datawait_steps, args.devices, args.scaling_batch, args.scaling_steps = (
         30, [1, 2, 4, 8], 32, 2)
     args.profile_batch = 32
-  args.pipeline_data = "/work/shared/data/imagenet-tiny"
+  args.pipeline_data = str(REPO.parent / "shared" / "data" / "imagenet-tiny")
 
   suite = Suite(args)
   t0 = time.perf_counter()

@@ -17,7 +17,7 @@ import dataclasses
 import logging
 import threading
 
-from alexnet_jax.data._tf import tf
+from alexnet_jax.data._tf import parallel_calls, tf
 
 _log = logging.getLogger(__name__)
 
@@ -165,3 +165,25 @@ def decode_centre_square_float(data: tf.Tensor, size: int,
 def quantize(img: tf.Tensor) -> tf.Tensor:
   """Float pixels -> uint8, rounded to nearest and clipped to [0, 255]."""
   return tf.cast(tf.round(tf.clip_by_value(img, 0.0, 255.0)), tf.uint8)
+
+
+def centre_squares(config, source, which: str, indices, log: BadImageLog):
+  """tf.data of (index, uint8 [R, R, 3] centre square, label, ok), one per index.
+
+  The whole-image decode shared by the statistics pass and the square cache. A file
+  that fails the validity check is recorded in `log` and gives zeros with ok=False.
+  `source` is a `sources.Source`; `indices` int64 [n] examples of split `which`.
+  """
+  size = int(config.input.resize_size)
+  antialias = bool(config.input.get("resize_antialias", False))
+  load = source.loader(which)
+
+  def example(index):
+    data, label, name = load(index)
+    ok = check_or_record(data, name, log)
+    img = tf.cond(ok, lambda: decode_centre_square(data, size, antialias),
+                  lambda: tf.zeros([size, size, 3], tf.uint8))
+    return index, img, label, ok
+
+  return tf.data.Dataset.from_tensor_slices(indices).map(
+      example, num_parallel_calls=parallel_calls(config))

@@ -46,6 +46,7 @@ from alexnet_jax.data.augment import (
 from alexnet_jax.data.decode import (
     BadImageError,
     BadImageLog,
+    centre_squares,
     check_or_record,
     decode_centre_square,
     decode_centre_square_float,
@@ -430,19 +431,7 @@ def _local_batch(global_batch: int, process_count: int, process_index: int, fiel
 def _square_batches(config, source: Source, which: str, indices: np.ndarray,
                     log: BadImageLog) -> Iterator[np.ndarray]:
   """uint8 [n, R, R, 3] centre squares of the given examples; bad files skipped."""
-  size = int(config.input.resize_size)
-  antialias = bool(config.input.get("resize_antialias", False))
-  load = source.loader(which)
-
-  def example(index):
-    data, _, name = load(index)
-    ok = check_or_record(data, name, log)
-    img = tf.cond(ok, lambda: decode_centre_square(data, size, antialias),
-                  lambda: tf.zeros([size, size, 3], tf.uint8))
-    return img, ok
-
-  ds = tf.data.Dataset.from_tensor_slices(indices)
-  ds = ds.map(example, num_parallel_calls=parallel_calls(config))
+  ds = centre_squares(config, source, which, indices, log).map(lambda _, img, __, ok: (img, ok))
   ds = ds.filter(_second).map(_first)
   ds = ds.batch(int(config.batch_size)).prefetch(AUTOTUNE).with_options(_options())
   return _numpy_batches(ds, log)

@@ -26,8 +26,8 @@ import uuid
 
 import numpy as np
 
-from alexnet_jax.data._tf import AUTOTUNE, parallel_calls, tf
-from alexnet_jax.data.decode import BadImageLog, check_or_record, decode_centre_square
+from alexnet_jax.data._tf import AUTOTUNE, tf
+from alexnet_jax.data.decode import BadImageLog, centre_squares
 
 _log = logging.getLogger(__name__)
 _VERSION = 1
@@ -97,19 +97,8 @@ def _decoded(config, source, which: str, log: BadImageLog):
 
   A file that passes the validity check but fails to decode is dropped by
   ignore_errors: its index never appears, so it stays invalid."""
-  size = int(config.input.resize_size)
-  antialias = bool(config.input.get("resize_antialias", False))
-  load = source.loader(which)
-
-  def example(index):
-    data, label, name = load(index)
-    ok = check_or_record(data, name, log)
-    img = tf.cond(ok, lambda: decode_centre_square(data, size, antialias),
-                  lambda: tf.zeros([size, size, 3], tf.uint8))
-    return index, img, label, ok
-
-  ds = tf.data.Dataset.range(source.split_size(which))
-  ds = ds.map(example, num_parallel_calls=parallel_calls(config)).ignore_errors()
+  ds = centre_squares(config, source, which, np.arange(source.split_size(which)), log)
+  ds = ds.ignore_errors()
   return ds.batch(64).prefetch(AUTOTUNE).as_numpy_iterator()
 
 
