@@ -15,7 +15,8 @@ Expected on a 2-core CPU: a few minutes; both curves in runs/figure1/figure1.png
 figure1.json the epochs each activation needs to reach 25% training error: tanh several
 times as many as ReLU.
 
-On CIFAR-10 (TFDS `cifar10` prepared, e.g. `tfds build cifar10`):
+On CIFAR-10 (TFDS `cifar10` prepared once, on a machine with network access, by
+`python -m alexnet_jax.data.prepare cifar10`):
 
   python -m alexnet_jax.figure1 --config=experiments/figure1.py:cifar10 --workdir=runs/figure1_cifar
 
