@@ -6,7 +6,7 @@ attributes each op to a layer and a direction with the compiled HLO: forward ops
 gradients lose their op_name, so they are matched by their output shape (a permutation
 of the layer's kernel shape). Prints a Markdown table and one JSON line (last).
 
-  python -m benchmarks.profile_step [--batch=32] [--dtype=float32] [--steps=2]
+  python -m benchmarks.profile_step [--batch=32] [--dtype=float32] [--steps=2] [--microbatch=0]
 """
 
 from __future__ import annotations
@@ -30,10 +30,10 @@ def _shape(text: str) -> tuple[int, ...]:
 
 
 def layer_shapes(config) -> dict[str, dict[str, tuple[int, ...]]]:
-  """Per conv layer (one tower): kernel, input and output shapes at config.batch_size."""
+  """Per conv layer (one tower): kernel, input and output shapes of one pass (a micro-batch)."""
   from alexnet_jax import model as model_lib
 
-  cfg, b = config.model, config.batch_size
+  cfg, b = config.model, config.microbatch_size or config.batch_size
   kernels = model_lib.AlexNet(cfg).kernel_shapes()
   sides = model_lib.spatial_sizes(cfg)
   out, side_in = {}, cfg.input_size
@@ -74,6 +74,7 @@ def main(argv=None) -> None:
   p.add_argument("--batch", type=int, default=32)
   p.add_argument("--dtype", default="float32")
   p.add_argument("--steps", type=int, default=2)
+  p.add_argument("--microbatch", type=int, default=0, help="config.microbatch_size")
   p.add_argument("--top", type=int, default=25)
   args = p.parse_args(argv)
 
@@ -82,6 +83,7 @@ def main(argv=None) -> None:
   from benchmarks import common
 
   config = common.config_for(args.batch, args.dtype)
+  config.microbatch_size = args.microbatch
   step = common.OurTrainStep(config)
   step.run(1)
   trace_dir = tempfile.mkdtemp(prefix="alexnet-profile-")
@@ -114,7 +116,9 @@ def main(argv=None) -> None:
     groups[key] += ms
     rows.append((ms, name, shape, op_name.split("jit(train_step)/")[-1][-60:], key))
   total = sum(groups.values())
-  print(f"\nOur train step, batch {args.batch}, {args.dtype}, 1 device: {wall * 1e3:.0f} ms "
+  micro = f" in passes of {args.microbatch}" if args.microbatch else ""
+  print(f"\nOur train step, batch {args.batch}{micro}, {args.dtype}, 1 device: "
+        f"{wall * 1e3:.0f} ms "
         f"per step wall-clock; {total:.0f} ms in {len(rows)} XLA ops (both towers)\n")
   print("| layer | what | ms/step | share |")
   print("|---|---|---|---|")

@@ -367,9 +367,11 @@ class Suite:
     self.md["scaling"] = "\n".join(out)
 
   def profile(self) -> None:
+    batch, micro = self.args.profile_batch, self.args.microbatch
     proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.profile_step", f"--batch={self.args.profile_batch}",
-         "--top=12"], capture_output=True, text=True, cwd=str(REPO), timeout=900)
+        [sys.executable, "-m", "benchmarks.profile_step", f"--batch={batch}",
+         f"--microbatch={micro if micro < batch else 0}", "--top=12"],
+        capture_output=True, text=True, cwd=str(REPO), timeout=900)
     if proc.returncode != 0:
       raise RuntimeError(f"profile_step exited {proc.returncode}: {proc.stderr[-1500:]}")
     lines = proc.stdout.strip().splitlines()
@@ -407,7 +409,7 @@ def main(argv=None) -> None:
     args.pipeline_images, args.pipeline_rounds = 1536, 2
     args.datawait_steps, args.devices, args.scaling_batch, args.scaling_steps = (
         30, [1, 2, 4, 8], 32, 2)
-    args.profile_batch = 32
+    args.profile_batch = 128  # in passes of --microbatch: our fastest batch-128 step
   args.pipeline_data = str(REPO.parent / "shared" / "data" / "imagenet-tiny")
 
   suite = Suite(args)
