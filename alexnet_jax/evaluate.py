@@ -111,12 +111,15 @@ def predict(config: ml_collections.ConfigDict, workdir: str, paths: Sequence[str
 
 
 def features_and_probabilities(config: ml_collections.ConfigDict, mesh, params,
-                               images: np.ndarray, batch_size: int | None = None):
+                               images: np.ndarray, batch_size: int | None = None,
+                               predict_step=None):
   """Softmax [n, classes] and the last hidden layer (fc7, after ReLU) [n, fc7 width].
 
-  Batched and jitted; the last batch is padded to the data axis and trimmed.
+  Batched and jitted; the last batch is padded to the data axis and trimmed. Pass the
+  same `predict_step` (`steps.make_predict_step(config, mesh)`) to repeated calls: a
+  new one compiles again.
   """
-  predict_step = steps.make_predict_step(config, mesh)
+  predict_step = predict_step or steps.make_predict_step(config, mesh)
   data = mesh.shape[parallel.DATA]
   batch_size = batch_size or config.eval_batch_size
   probs, feats = [], []

@@ -188,14 +188,16 @@ def nearest(queries: np.ndarray, bank: np.ndarray, k: int,
   return best_i, np.sqrt(best_d)
 
 
-def _features(config, mesh, params, paths: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+def _features(config, mesh, params, paths: Sequence[str],
+              predict_step) -> tuple[np.ndarray, np.ndarray]:
   """(probabilities [n, classes], fc7 features [n, width]) of image files, in chunks."""
   from alexnet_jax import evaluate, input_pipeline
 
   probs, feats = [], []
   for start in range(0, len(paths), _FEATURE_CHUNK):
     images = input_pipeline.preprocess_image_files(config, paths[start:start + _FEATURE_CHUNK])
-    p, f = evaluate.features_and_probabilities(config, mesh, params, images)
+    p, f = evaluate.features_and_probabilities(config, mesh, params, images,
+                                               predict_step=predict_step)
     probs.append(p)
     feats.append(f)
   return np.concatenate(probs), np.concatenate(feats)
@@ -220,13 +222,14 @@ def neighbours(config, mesh, params, query_paths: Sequence[str], train_paths: Se
     {"queries": [{"path", "label", "label_name", "top5": [[name, probability]] (TOP_K of them),
                   "neighbours": [{"path", "distance"}]}]}.
   """
-  from alexnet_jax import evaluate, input_pipeline
+  from alexnet_jax import evaluate, input_pipeline, steps
 
   if names is None:
     names = evaluate.class_names(config, input_pipeline.dataset_info(config))
   query_paths, train_paths = [str(p) for p in query_paths], [str(p) for p in train_paths]
-  q_probs, q_feats = _features(config, mesh, params, query_paths)
-  _, t_feats = _features(config, mesh, params, train_paths)
+  predict_step = steps.make_predict_step(config, mesh)  # one compile for every chunk
+  q_probs, q_feats = _features(config, mesh, params, query_paths, predict_step)
+  _, t_feats = _features(config, mesh, params, train_paths, predict_step)
   index, dist = nearest(q_feats, t_feats, num_neighbours)
 
   top = np.argsort(-q_probs, axis=1, kind="stable")[:, :min(TOP_K, q_probs.shape[1])]
