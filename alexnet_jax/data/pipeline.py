@@ -308,28 +308,41 @@ def eval_dataset(config, *, ten_crop: bool, process_index: int = 0, process_coun
 # ------------------------------------------------------------------ helpers
 
 
+def _draw_substitute(ex_seed, n: int, first, first_ok, try_candidate):
+  """The first good example drawn from `ex_seed` after a bad one (draws t = 1, 2, ...).
+
+  `try_candidate(index) -> (value, ok)`; `first`, `first_ok` (False, and the op that
+  recorded the bad file) start the loop. Stops the run after _MAX_SUBSTITUTION_TRIES.
+  """
+  def body(t, value, ok):
+    candidate = tf.random.stateless_uniform(
+        [], tf.random.experimental.stateless_fold_in(ex_seed, tf.cast(t, tf.int64)),
+        minval=0, maxval=n, dtype=tf.int64)
+    value, ok = try_candidate(candidate)
+    return t + 1, value, ok
+
+  _, value, ok = tf.while_loop(
+      lambda t, value, ok: tf.logical_and(tf.logical_not(ok), t < _MAX_SUBSTITUTION_TRIES),
+      body, (tf.constant(1), first, first_ok))
+  check = tf.debugging.Assert(
+      ok, [f"{_MAX_SUBSTITUTION_TRIES} undecodable training files in a row; see the log"])
+  with tf.control_dependencies([check]):
+    return tf.nest.map_structure(tf.identity, value)
+
+
 def _load_with_substitutes(load, index, ex_seed, n: int, log: BadImageLog):
   """Loads example `index`; if its file is bad, records it and loads a substitute drawn
   from `ex_seed` (so the choice is as reproducible as the example itself). The common
   path has a single tf.cond; the retry loop runs only after a bad file."""
   data, label, name = load(tf.cast(index, tf.int64))
 
-  def substitute():
-    def body(t, data, label, ok):
-      candidate = tf.random.stateless_uniform(
-          [], tf.random.experimental.stateless_fold_in(ex_seed, tf.cast(t, tf.int64)),
-          minval=0, maxval=n, dtype=tf.int64)
-      data, label, name = load(candidate)
-      return t + 1, data, label, check_or_record(data, name, log)
+  def try_candidate(candidate):
+    data, label, name = load(candidate)
+    return (data, label), check_or_record(data, name, log)
 
-    init = (tf.constant(1), tf.constant(b""), tf.constant(0, tf.int64), record_bad(name, log))
-    _, data2, label2, ok = tf.while_loop(
-        lambda t, d, lab, ok: tf.logical_and(tf.logical_not(ok), t < _MAX_SUBSTITUTION_TRIES),
-        body, init)
-    check = tf.debugging.Assert(
-        ok, [f"{_MAX_SUBSTITUTION_TRIES} undecodable training files in a row; see the log"])
-    with tf.control_dependencies([check]):
-      return tf.identity(data2), tf.identity(label2)
+  def substitute():
+    empty = (tf.constant(b""), tf.constant(0, tf.int64))
+    return _draw_substitute(ex_seed, n, empty, record_bad(name, log), try_candidate)
 
   return tf.cond(is_valid_image(data), lambda: (data, label), substitute)
 
@@ -345,23 +358,12 @@ def _cached_with_substitutes(load, valid: np.ndarray, labels: np.ndarray, index,
   labels_t = tf.constant(labels)
   index = tf.cast(index, tf.int64)
 
-  def substitute():
-    def body(t, candidate, ok):
-      candidate = tf.random.stateless_uniform(
-          [], tf.random.experimental.stateless_fold_in(ex_seed, tf.cast(t, tf.int64)),
-          minval=0, maxval=n, dtype=tf.int64)
-      ok = tf.gather(valid_t, candidate)
-      ok = tf.cond(ok, lambda: ok, lambda: record_bad(load(candidate)[2], log))
-      return t + 1, candidate, ok
+  def try_candidate(candidate):
+    ok = tf.gather(valid_t, candidate)
+    return candidate, tf.cond(ok, lambda: ok, lambda: record_bad(load(candidate)[2], log))
 
-    init = (tf.constant(1), index, record_bad(load(index)[2], log))
-    _, candidate, ok = tf.while_loop(
-        lambda t, c, ok: tf.logical_and(tf.logical_not(ok), t < _MAX_SUBSTITUTION_TRIES),
-        body, init)
-    check = tf.debugging.Assert(
-        ok, [f"{_MAX_SUBSTITUTION_TRIES} undecodable training files in a row; see the log"])
-    with tf.control_dependencies([check]):
-      return tf.identity(candidate)
+  def substitute():
+    return _draw_substitute(ex_seed, n, index, record_bad(load(index)[2], log), try_candidate)
 
   index = tf.cond(tf.gather(valid_t, index), lambda: index, substitute)
   return index, tf.gather(labels_t, index)
