@@ -133,20 +133,18 @@ def make_train_step(config: ml_collections.ConfigDict, mesh: Mesh, steps_per_epo
     # explicitly. (Through the replicated params, autodiff would psum it.)
     local_params = _vary(state.params, DATA)
     grad_fn = jax.grad(loss_fn, has_aux=True)
-    if chunks == 1:
-      grads, (loss, logits) = grad_fn(local_params, images, labels, keys)
-    else:
-      # The local batch in `chunks` sequential micro-batches, gradients summed:
-      # the same gradient (each example's loss is still / local_batch), with one
-      # micro-batch's activations live at a time, which keeps them in cache.
-      grads, loss, logits = None, 0.0, []
-      for i in range(chunks):
-        part = slice(i * micro, (i + 1) * micro)
-        g, (part_loss, part_logits) = grad_fn(local_params, images[part], labels[part],
-                                              keys[part])
-        grads = g if grads is None else jax.tree.map(jnp.add, grads, g)
-        loss, logits = loss + part_loss, logits + [part_logits]
-      logits = jnp.concatenate(logits)
+    # The local batch in `chunks` sequential micro-batches (usually one), gradients
+    # summed: the same gradient (each example's loss is still / local_batch), with one
+    # micro-batch's activations live at a time, which keeps them in cache.
+    grads, losses, logits = None, [], []
+    for i in range(chunks):
+      part = slice(i * micro, (i + 1) * micro)
+      g, (part_loss, part_logits) = grad_fn(local_params, images[part], labels[part],
+                                            keys[part])
+      grads = g if grads is None else jax.tree.map(jnp.add, grads, g)
+      losses.append(part_loss)
+      logits.append(part_logits)
+    loss, logits = sum(losses), jnp.concatenate(logits)
     grads = jax.lax.pmean(grads, DATA)
     lr = schedule(state.step) * state.plateau.scale
     opt_state = optim.set_learning_rate(state.opt_state, lr)

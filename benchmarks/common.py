@@ -40,12 +40,15 @@ def max_rss_mb() -> float:
   return kib / 1024 / (1024 if sys.platform == "darwin" else 1)
 
 
-def config_for(batch: int, dtype: str, *, data: int = 1, model: int = 1, **model_fields):
-  """The paper's config (1000 classes, 224 crops) at `batch`, `dtype`, on a (data, model) mesh."""
+def config_for(batch: int, dtype: str, *, data: int = 1, model: int = 1, microbatch: int = 0,
+               **model_fields):
+  """The paper's config (1000 classes, 224 crops) at `batch`, `dtype`, on a (data, model) mesh,
+  the step in passes of `microbatch` images (0: the whole batch)."""
   from experiments import alexnet
 
   c = alexnet.get_config()
   c.batch_size = batch
+  c.microbatch_size = microbatch
   c.eval_batch_size = batch
   c.model.compute_dtype = dtype
   c.mesh.data, c.mesh.model = data, model

@@ -82,8 +82,7 @@ def main(argv=None) -> None:
 
   from benchmarks import common
 
-  config = common.config_for(args.batch, args.dtype)
-  config.microbatch_size = args.microbatch
+  config = common.config_for(args.batch, args.dtype, microbatch=args.microbatch)
   step = common.OurTrainStep(config)
   step.run(1)
   trace_dir = tempfile.mkdtemp(prefix="alexnet-profile-")

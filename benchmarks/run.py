@@ -171,9 +171,7 @@ class Suite:
           variants[f"ours-mb{a.microbatch}"] = a.microbatch
         ours = {}
         for key, micro in variants.items():
-          config = common.config_for(batch, dtype)
-          config.microbatch_size = micro
-          ours[key] = common.OurTrainStep(config)
+          ours[key] = common.OurTrainStep(common.config_for(batch, dtype, microbatch=micro))
         times = {key: [] for key in ours}
         setups = {}
         for name, peer in self.peers.items():
@@ -194,8 +192,7 @@ class Suite:
                          microbatch=a.microbatch, flops_per_image_xla=first.flops_per_image(),
                          loss={k: v.loss for k, v in ours.items()},
                          torch_setup=setups, torch_memory=mem))
-        del first
-        del ours
+        del first, ours
         gc.collect()
         self.md["train"] = self._train_md()
         self.save()

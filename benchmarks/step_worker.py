@@ -50,11 +50,10 @@ def main(argv=None) -> None:
     except (ValueError, SyntaxError):
       fields[k] = v
   config = common.config_for(args.batch, args.dtype, data=args.data, model=args.model,
-                             **fields)
-  config.microbatch_size = args.microbatch
-  out = dict(batch=args.batch, microbatch=args.microbatch, dtype=args.dtype, devices=len(jax.devices()),
-             platform=jax.devices()[0].platform, data=args.data, model=args.model,
-             jax=jax.__version__, fields=fields)
+                             microbatch=args.microbatch, **fields)
+  out = dict(batch=args.batch, microbatch=args.microbatch, dtype=args.dtype,
+             devices=len(jax.devices()), platform=jax.devices()[0].platform, data=args.data,
+             model=args.model, jax=jax.__version__, fields=fields)
   if args.eval:
     ev = common.OurEvalStep(config)
     step_s = ev.run(args.steps)
