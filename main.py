@@ -22,6 +22,9 @@ flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs, evaluatio
 flags.DEFINE_enum("mode", "train", ["train", "eval", "predict", "summary"], "What to do.")
 flags.DEFINE_integer("step", None, "--mode=eval/predict: the checkpoint step (default latest).")
 flags.DEFINE_list("images", [], "--mode=predict: image files to classify.")
+flags.DEFINE_bool("allow_config_changes", False,
+                  "--mode=train: resume even if the config changes the run's meaning "
+                  "(batch size, seed, dataset, augmentation); the changes are logged.")
 flags.DEFINE_string("coordinator_address", None, "jax.distributed coordinator HOST:PORT.")
 flags.DEFINE_integer("num_processes", None, "jax.distributed: number of processes.")
 flags.DEFINE_integer("process_id", None, "jax.distributed: this process's index.")
@@ -30,25 +33,38 @@ config_flags.DEFINE_config_file("config", None, "Experiment config file (experim
 flags.mark_flags_as_required(["config"])
 
 
+def parse_flags(argv):
+  """absl's parsing, with a bad flag, config file or override in one line and exit 2."""
+  try:
+    rest = FLAGS(argv)
+    FLAGS.config.get("seed")  # a config file that failed to load raises here, not later
+    if FLAGS.mode != "summary" and not FLAGS.workdir:
+      raise flags.Error(f"--mode={FLAGS.mode} needs --workdir")
+    if len(rest) > 1:
+      raise flags.Error(f"unexpected arguments: {rest[1:]}")
+  except (flags.Error, AttributeError, KeyError, OSError, ValueError, TypeError) as err:
+    lines = str(err).replace("\\n", "\n").splitlines()
+    # ml_collections puts the config file's whole traceback in the message: keep the
+    # first line (which flag) and the last (what went wrong).
+    message = lines[0].split("Traceback")[0].strip()
+    if len(lines) > 1 and lines[-1].strip() not in message:
+      message += " " + lines[-1].strip()
+    if isinstance(err, (AttributeError, KeyError)):
+      message = "unknown config field " + message.replace("\\'", "").replace("'", "")
+    print(f"error: {message}\n(see python main.py --helpfull)", file=sys.stderr)
+    sys.exit(2)
+  return rest
+
+
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  import logging
-
-  # JAX logs each accelerator backend it does not find; that is not news.
-  logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
-  from alexnet_jax import parallel
-
-  # jax.distributed must start before anything else touches JAX.
-  parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
-                                  FLAGS.process_id)
+  del argv  # checked by parse_flags
   from alexnet_jax import cli
 
-  if FLAGS.mode != "summary" and not FLAGS.workdir:
-    raise app.UsageError(f"--mode={FLAGS.mode} needs --workdir")
-  sys.exit(cli.run(FLAGS.mode, FLAGS.config, FLAGS.workdir, step=FLAGS.step,
-                   images=FLAGS.images))
+  sys.exit(cli.main(FLAGS.mode, FLAGS.config, FLAGS.workdir, step=FLAGS.step,
+                    images=FLAGS.images, allow_config_changes=FLAGS.allow_config_changes,
+                    coordinator_address=FLAGS.coordinator_address,
+                    num_processes=FLAGS.num_processes, process_id=FLAGS.process_id))
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -7,22 +7,23 @@ without a traceback. Anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import signal
 import sys
 from collections.abc import Sequence
 
 import jax
 import ml_collections
 
-from alexnet_jax import checkpoint, config_checks, input_pipeline, model
+from alexnet_jax import checkpoint, config_checks, data, model, parallel
+from alexnet_jax.run import evaluate, setup, train
 
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-  from alexnet_jax import train
-
-  return (config_checks.ConfigError, input_pipeline.DatasetNotFoundError,
-          checkpoint.CheckpointMismatch, train.NonFiniteLossError, input_pipeline.BadImageError,
-          FileNotFoundError)
+# Mistakes a user can fix: printed in one line, exit 2, no traceback.
+USER_ERRORS = (config_checks.ConfigError, data.DatasetNotFoundError,
+               checkpoint.CheckpointMismatch, train.NonFiniteLossError, data.BadImageError,
+               FileNotFoundError)
 
 
 def summary(config: ml_collections.ConfigDict) -> str:
@@ -41,7 +42,9 @@ class _OnlyOurInfo(logging.Filter):
   """
 
   def filter(self, record: logging.LogRecord) -> bool:
-    return record.levelno >= logging.WARNING or "site-packages" not in record.pathname
+    # clu's progress notes (steps/s, ETA, time in eval) are ours too.
+    return (record.levelno >= logging.WARNING or "site-packages" not in record.pathname
+            or "clu/platform" in record.pathname)
 
 
 def quiet_library_logs() -> None:
@@ -49,20 +52,77 @@ def quiet_library_logs() -> None:
     handler.addFilter(_OnlyOurInfo())
 
 
-def run(mode: str, config: ml_collections.ConfigDict, workdir: str | None, *,
-        step: int | None = None, images: Sequence[str] = ()) -> int:
-  """Runs one mode; returns the process exit status."""
-  from alexnet_jax import evaluate, train
+class Stopped(Exception):
+  """SIGTERM or SIGINT outside the training loop (which handles them itself)."""
 
+  def __init__(self, signum: int):
+    super().__init__(signal.Signals(signum).name)
+    self.signum = signum
+
+
+@contextlib.contextmanager
+def stop_signals():
+  """SIGTERM / SIGINT become `Stopped`, so a signal at any moment ends in one line.
+
+  With several processes, SIGTERM is left to JAX's preemption notifier (installed by
+  jax.distributed), which makes every process stop at the same step; SIGINT is turned
+  into a SIGTERM to this process for the same agreement.
+  """
+  def raise_stopped(signum, frame):
+    del frame
+    raise Stopped(signum)
+
+  def forward_as_sigterm(signum, frame):
+    del signum, frame
+    os.kill(os.getpid(), signal.SIGTERM)
+
+  previous = {}
+  if jax.process_count() > 1:
+    previous[signal.SIGINT] = signal.signal(signal.SIGINT, forward_as_sigterm)
+  else:
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      previous[sig] = signal.signal(sig, raise_stopped)
+  try:
+    yield
+  finally:
+    for sig, handler in previous.items():
+      signal.signal(sig, handler)
+
+
+def main(mode: str, config: ml_collections.ConfigDict, workdir: str | None, *,
+         coordinator_address: str | None = None, num_processes: int | None = None,
+         process_id: int | None = None, **kwargs) -> int:
+  """The program behind main.py: jax.distributed, then one mode; the exit status."""
+  # JAX logs each accelerator backend it does not find; that is not news.
+  logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
+  parallel.initialize_distributed(coordinator_address, num_processes, process_id)
+  with stop_signals():
+    return run(mode, config, workdir, **kwargs)
+
+
+def run(mode: str, config: ml_collections.ConfigDict, workdir: str | None, *,
+        step: int | None = None, images: Sequence[str] = (),
+        allow_config_changes: bool = False) -> int:
+  """Runs one mode; returns the process exit status."""
   quiet_library_logs()
   try:
     if mode == "summary":
       print(summary(config))
     elif mode == "train":
-      result = train.train_and_evaluate(config, workdir)
-      if "stopped_at_step" not in result:
-        print(f"Done. Results in {workdir}: final_metrics.json, TensorBoard events "
-              f"(tensorboard --logdir={workdir}), checkpoints/, figures/.")
+      run_setup = setup.build(config, workdir, mode="train")
+      result = train.train_and_evaluate(config, workdir, run=run_setup,
+                                        allow_config_changes=allow_config_changes)
+      if "stopped_at_step" in result:
+        return 0
+      written = ["final_metrics.json", f"TensorBoard events (tensorboard --logdir={workdir})",
+                 "checkpoints/"]
+      if config.figures.enabled and jax.process_count() == 1:
+        from alexnet_jax.tools import figures  # matplotlib only when figures are drawn
+
+        paths = figures.write_all(config, workdir, run=run_setup)
+        logging.info("figures: %s", ", ".join(paths))
+        written.append("figures/")
+      print(f"Done. Results in {workdir}: {', '.join(written)}.")
     elif mode == "eval":
       evaluate.run_eval(config, workdir, step)
     elif mode == "predict":
@@ -72,7 +132,14 @@ def run(mode: str, config: ml_collections.ConfigDict, workdir: str | None, *,
       evaluate.predict(config, workdir, images, step)
     else:
       raise ValueError(f"unknown mode {mode!r}")
-  except _user_errors() as err:
+  except USER_ERRORS as err:
     print(f"error: {err}", file=sys.stderr)
     return 2
+  except Stopped as stop:
+    if mode == "train":  # as a stop inside the loop: resumable, so not a failure
+      print(f"stopped by {stop}; the checkpoints in {workdir} are intact: rerun the same "
+            "command to continue", file=sys.stderr)
+      return 0
+    print(f"stopped by {stop}", file=sys.stderr)
+    return 128 + stop.signum
   return 0

@@ -12,6 +12,11 @@ import ml_collections
 from alexnet_jax import model as model_lib
 
 
+# config.input.mean: subtract the training set's mean image (the paper), its mean colour,
+# the published ImageNet mean colour, or nothing.
+MEAN_MODES = ("per_pixel", "per_channel", "published", "none")
+
+
 class ConfigError(ValueError):
   """A config value that cannot work; the message starts with the field name."""
 
@@ -128,10 +133,29 @@ def check_loop(config: ml_collections.ConfigDict) -> None:
     _positive(config, name)
   _require(config.num_train_steps > 0 or config.num_epochs > 0, "num_epochs",
            "set num_epochs > 0 or num_train_steps > 0")
-  _require(config.input.on_bad_image in ("skip", "error"), "input.on_bad_image",
-           f"must be 'skip' or 'error', got {config.input.on_bad_image!r}")
   _require(len(config.profile_steps) in (0, 2), "profile_steps",
            "give () or (first_step, last_step)")
+
+
+def _choice(value, field: str, choices: tuple[str, ...]) -> None:
+  _require(value in choices, field,
+           f"unknown value {value!r}; choose one of {', '.join(map(repr, choices))}")
+
+
+def check_input(config: ml_collections.ConfigDict) -> None:
+  """The input pipeline's fields (the pipeline trusts them: checked here, once)."""
+  i = config.input
+  _choice(i.mean, "input.mean", MEAN_MODES)
+  _choice(i.stats, "input.stats", ("computed", "published"))
+  _choice(i.pca_scale, "input.pca_scale", ("eigenvalues", "sqrt"))
+  _choice(i.on_bad_image, "input.on_bad_image", ("skip", "error"))
+  _positive(config, "input.train_divisor")
+  _positive(config, "input.resize_size")
+  _require(config.model.input_size <= i.resize_size, "model.input_size",
+           f"{config.model.input_size} exceeds config.input.resize_size={i.resize_size}: "
+           "crops are cut from the resized square")
+  if i.get("mean_rgb") is not None:
+    _require(len(i.mean_rgb) == 3, "input.mean_rgb", f"needs 3 values (R, G, B), got {i.mean_rgb}")
 
 
 def check(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
@@ -139,5 +163,6 @@ def check(config: ml_collections.ConfigDict, num_devices: int | None = None) -> 
   check_model(config.model)
   check_optim(config)
   check_loop(config)
+  check_input(config)
   if num_devices is not None:
     check_mesh(config, num_devices)

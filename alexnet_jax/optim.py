@@ -11,13 +11,16 @@ differs from the paper whenever the rate changes.) The 2012 code's bias options
 (no decay, 2x rate) are a `multi_transform` over kernel and bias leaves.
 
 The learning rate is an injected hyperparameter, set every step to
-`base_schedule(step) * plateau.scale`; the plateau state (the paper's "divide
+`make_schedule(...)(step, plateau)` = base schedule x plateau scale; the plateau state (the paper's "divide
 by 10 when the validation error stops improving") is optax's
 `reduce_on_plateau` state, fed validation top-1 error at each evaluation and
 kept in the train state so it survives checkpoints.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -69,18 +72,28 @@ def set_learning_rate(opt_state, learning_rate: jax.Array):
   return opt_state._replace(hyperparams=hyperparams)
 
 
-def base_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int) -> optax.Schedule:
-  """Learning rate by step, before the plateau factor: constant or piecewise, with warm-up."""
+# The learning rate of a step: schedule(step, plateau_state) -> float32 [].
+Schedule = Callable[[jax.Array, Any], jax.Array]
+
+
+def make_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int) -> Schedule:
+  """The whole learning-rate rule: base schedule (constant or piecewise, with warm-up)
+  times the plateau state's scale (1 unless `optim.schedule == "plateau"` lowered it)."""
   o = config.optim
   if o.schedule == "piecewise":
     boundaries = {round(e * steps_per_epoch): o.decay_factor for e in o.boundaries_epochs}
-    main = optax.piecewise_constant_schedule(o.learning_rate, boundaries)
+    base = optax.piecewise_constant_schedule(o.learning_rate, boundaries)
   else:
-    main = optax.constant_schedule(o.learning_rate)
+    base = optax.constant_schedule(o.learning_rate)
   warmup_steps = round(o.warmup_epochs * steps_per_epoch)
-  if warmup_steps == 0:
-    return main
-  return lambda step: main(step) * jnp.minimum(1.0, (step + 1) / warmup_steps)
+
+  def schedule(step: jax.Array, plateau_state) -> jax.Array:
+    rate = base(step) * plateau_state.scale
+    if warmup_steps:
+      rate = rate * jnp.minimum(1.0, (step + 1) / warmup_steps)
+    return rate
+
+  return schedule
 
 
 def make_plateau(config: ml_collections.ConfigDict) -> optax.GradientTransformationExtraArgs:

@@ -10,6 +10,7 @@ over `data`.
 from __future__ import annotations
 
 import collections
+import functools
 import itertools
 import os
 from collections.abc import Iterator, Mapping
@@ -55,14 +56,38 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(DATA))
 
 
-def replicated(mesh: Mesh) -> NamedSharding:
-  return NamedSharding(mesh, P())
+@functools.cache
+def data_share(mesh: Mesh, process_index: int | None = None) -> tuple[int, int]:
+  """(index, count): which share of every global batch this process reads, of how many.
+
+  A process reads the batch rows of the `data` coordinates its devices hold, so the
+  shares follow the mesh, not the process index: two processes that each hold one tower
+  of the same replica (mesh data=1, model=2 over two processes) both read share 0 of 1,
+  the same examples, as the paper's two GPUs saw the same images. Each process's devices
+  must hold one aligned block of data coordinates, of the same size for every process.
+  """
+  process_index = jax.process_index() if process_index is None else process_index
+  blocks = {}
+  for (row, _), device in np.ndenumerate(mesh.devices):
+    blocks.setdefault(device.process_index, set()).add(row)
+  rows = sorted(blocks[process_index])
+  size, first = len(rows), rows[0]
+  aligned = rows == list(range(first, first + size)) and first % size == 0
+  if not aligned or any(len(b) != size for b in blocks.values()):
+    raise ValueError(
+        f"mesh {dict(mesh.shape)}: the data coordinates held by each process "
+        f"({ {p: sorted(b) for p, b in sorted(blocks.items())} }) are not aligned blocks of one "
+        "size, so batches cannot be split between processes; set config.mesh.data/model so "
+        "that each process holds whole replicas or whole towers of the same replicas")
+  return first // size, mesh.shape[DATA] // size
 
 
 def global_batch(mesh: Mesh, local: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
-  """A global batch sharded over `data`, from this process's share of it."""
+  """A global batch sharded over `data`, from this process's share of it (`data_share`)."""
   sharding = batch_sharding(mesh)
-  return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
+  _, count = data_share(mesh)
+  return {k: jax.make_array_from_process_local_data(
+      sharding, v, (v.shape[0] * count, *v.shape[1:])) for k, v in local.items()}
 
 
 def prefetch(mesh: Mesh, batches: Iterator[Mapping[str, np.ndarray]],

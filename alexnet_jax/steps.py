@@ -14,6 +14,7 @@ batch: {"image": float32 [B, S, S, 3] (eval: or [B, 10, S, S, 3] ten crops),
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import flax.struct
@@ -51,16 +52,41 @@ def state_specs(state: TrainState, optimizer: optax.GradientTransformation) -> T
       rng=P())
 
 
-def state_shardings(mesh: Mesh, state: TrainState,
-                    optimizer: optax.GradientTransformation) -> TrainState:
-  return jax.tree.map(lambda spec: NamedSharding(mesh, spec), state_specs(state, optimizer),
-                      is_leaf=lambda x: isinstance(x, P))
+@dataclasses.dataclass(frozen=True)
+class StateLayout:
+  """The train state of a run on a mesh, derived once: everything that builds, restores,
+  shards or steps a state takes this instead of re-deriving it from the config.
+
+  optimizer: the paper's SGD (`optim.make_optimizer`); specs: a TrainState of
+  PartitionSpecs; abstract: a TrainState of ShapeDtypeStructs carrying their
+  NamedShardings (a restore target and the jit shardings).
+  """
+
+  mesh: Mesh
+  optimizer: optax.GradientTransformation
+  specs: TrainState
+  abstract: TrainState
+
+  @property
+  def shardings(self) -> TrainState:
+    return jax.tree.map(lambda s: s.sharding, self.abstract)
 
 
-def init_state(config: ml_collections.ConfigDict) -> TrainState:
+def state_layout(config: ml_collections.ConfigDict, mesh: Mesh) -> StateLayout:
+  """Builds the optimizer and traces the state's shapes once (nothing is allocated)."""
+  optimizer = optim.make_optimizer(config)
+  shapes = jax.eval_shape(lambda: init_state(config, optimizer))
+  specs = state_specs(shapes, optimizer)
+  abstract = jax.tree.map(
+      lambda s, spec: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=NamedSharding(mesh, spec)),
+      shapes, specs, is_leaf=lambda x: isinstance(x, P))
+  return StateLayout(mesh, optimizer, specs, abstract)
+
+
+def init_state(config: ml_collections.ConfigDict,
+               optimizer: optax.GradientTransformation) -> TrainState:
   """A fresh state (unsharded): the paper's init from `config.seed`."""
   model = model_lib.AlexNet(config.model)
-  optimizer = optim.make_optimizer(config)
   key = jax.random.key(config.seed)
   params = model.init(jax.random.fold_in(key, 0))
   return TrainState(
@@ -69,12 +95,10 @@ def init_state(config: ml_collections.ConfigDict) -> TrainState:
       rng=jax.random.key_data(jax.random.fold_in(key, 1)))
 
 
-def create_train_state(config: ml_collections.ConfigDict, mesh: Mesh) -> TrainState:
+def create_train_state(config: ml_collections.ConfigDict, layout: StateLayout) -> TrainState:
   """A fresh state initialised directly into its shardings (towers never replicated)."""
-  optimizer = optim.make_optimizer(config)
-  abstract = jax.eval_shape(lambda: init_state(config))
-  shardings = state_shardings(mesh, abstract, optimizer)
-  return jax.jit(lambda: init_state(config), out_shardings=shardings)()
+  return jax.jit(lambda: init_state(config, layout.optimizer),
+                 out_shardings=layout.shardings)()
 
 
 def _cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -97,16 +121,20 @@ def _global_norm(tree) -> jax.Array:
 
 def _vary(tree, axis: str):
   """Marks a replicated value as varying over `axis` (shard_map's vma typing)."""
-  if hasattr(jax.lax, "pcast"):
-    return jax.tree.map(lambda x: jax.lax.pcast(x, axis, to="varying"), tree)
-  return jax.tree.map(lambda x: jax.lax.pvary(x, axis), tree)  # jax < 0.8
+  return jax.tree.map(lambda x: jax.lax.pcast(x, axis, to="varying"), tree)
 
 
-def make_train_step(config: ml_collections.ConfigDict, mesh: Mesh, steps_per_epoch: int):
-  """The jitted `train_step(state, batch, rng) -> (state, metrics)`; donates `state`."""
+def make_train_step(config: ml_collections.ConfigDict, layout: StateLayout,
+                    schedule: optim.Schedule):
+  """The jitted `train_step(state, batch, rng) -> (state, metrics)`; donates `state`.
+
+  schedule: `optim.make_schedule(config, steps_per_epoch)`, the learning rate of a
+  step given the plateau state. metrics["finite"] is 1.0 when the loss, the new
+  parameters and the update are all finite (so a state can be checked before saving
+  without another pass over it).
+  """
   model = model_lib.AlexNet(config.model)
-  optimizer = optim.make_optimizer(config)
-  schedule = optim.base_schedule(config, steps_per_epoch)
+  optimizer, mesh = layout.optimizer, layout.mesh
 
   def local_step(state: TrainState, batch, rng):
     model_devices = jax.lax.axis_size(MODEL)
@@ -146,7 +174,7 @@ def make_train_step(config: ml_collections.ConfigDict, mesh: Mesh, steps_per_epo
       logits.append(part_logits)
     loss, logits = sum(losses), jnp.concatenate(logits)
     grads = jax.lax.pmean(grads, DATA)
-    lr = schedule(state.step) * state.plateau.scale
+    lr = schedule(state.step, state.plateau)
     opt_state = optim.set_learning_rate(state.opt_state, lr)
     updates, opt_state = optimizer.update(grads, opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -158,11 +186,14 @@ def make_train_step(config: ml_collections.ConfigDict, mesh: Mesh, steps_per_epo
     metrics = jax.lax.pmean(metrics, (DATA, MODEL))
     metrics.update(learning_rate=lr, grad_norm=_global_norm(grads),
                    param_norm=_global_norm(params), update_norm=_global_norm(updates))
+    # With the paper's rule the update is the momentum buffer: finite norms of the
+    # parameters and of the update mean a finite state to save.
+    metrics["finite"] = jnp.isfinite(
+        metrics["loss"] + metrics["param_norm"] + metrics["update_norm"]).astype(jnp.float32)
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
     return new_state, metrics
 
-  abstract = jax.eval_shape(lambda: init_state(config))
-  specs = state_specs(abstract, optimizer)
+  specs = layout.specs
   sharded = jax.shard_map(local_step, mesh=mesh, in_specs=(specs, P(DATA), P()),
                           out_specs=(specs, P()))
 
@@ -170,7 +201,7 @@ def make_train_step(config: ml_collections.ConfigDict, mesh: Mesh, steps_per_epo
     """rng: the typed key for this step (e.g. fold_in(base key, step))."""
     return sharded(state, batch, rng)
 
-  shardings = state_shardings(mesh, abstract, optimizer)
+  shardings = layout.shardings
   return jax.jit(train_step, donate_argnums=0,
                  in_shardings=(shardings, NamedSharding(mesh, P(DATA)), None),
                  out_shardings=(shardings, NamedSharding(mesh, P())))
@@ -181,14 +212,13 @@ def step_rng(state: TrainState) -> jax.Array:
   return jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
 
 
-def make_eval_step(config: ml_collections.ConfigDict, mesh: Mesh):
+def make_eval_step(config: ml_collections.ConfigDict, layout: StateLayout):
   """The jitted `eval_step(state, batch) -> sums` over the real (unmasked) examples.
 
   Ten-crop batches ([B, 10, S, S, 3]) are scored by the mean of the crops'
   softmaxes, as in the paper. Sums: loss, top1_errors, top5_errors, count.
   """
   model = model_lib.AlexNet(config.model)
-  optimizer = optim.make_optimizer(config)
 
   def local_eval(params, batch):
     images, labels = batch["image"], batch["label"]
@@ -208,9 +238,7 @@ def make_eval_step(config: ml_collections.ConfigDict, mesh: Mesh):
     sums = jax.tree.map(jnp.sum, sums)
     return jax.tree.map(lambda x: jax.lax.pmean(jax.lax.psum(x, DATA), MODEL), sums)
 
-  abstract = jax.eval_shape(lambda: init_state(config))
-  param_specs = state_specs(abstract, optimizer).params
-  sharded = jax.shard_map(local_eval, mesh=mesh, in_specs=(param_specs, P(DATA)),
+  sharded = jax.shard_map(local_eval, mesh=layout.mesh, in_specs=(layout.specs.params, P(DATA)),
                           out_specs=P())
 
   @jax.jit
@@ -220,7 +248,7 @@ def make_eval_step(config: ml_collections.ConfigDict, mesh: Mesh):
   return eval_step
 
 
-def make_predict_step(config: ml_collections.ConfigDict, mesh: Mesh):
+def make_predict_step(config: ml_collections.ConfigDict, layout: StateLayout):
   """The jitted `predict_step(params, images) -> (probabilities, fc7 features)`.
 
   images [B, S, S, 3] sharded over `data`; probabilities [B, classes]; features
@@ -229,7 +257,6 @@ def make_predict_step(config: ml_collections.ConfigDict, mesh: Mesh):
   """
   model = model_lib.AlexNet(config.model)
   act = model_lib.ACTIVATIONS[config.model.activation]
-  optimizer = optim.make_optimizer(config)
 
   def local_predict(params, images):
     logits, captured = model.apply(params, images, train=False, tower_axis=MODEL, capture=True)
@@ -237,7 +264,6 @@ def make_predict_step(config: ml_collections.ConfigDict, mesh: Mesh):
     fc7 = jax.lax.all_gather(fc7, MODEL, axis=1, tiled=True)
     return jax.nn.softmax(logits), act(fc7)
 
-  abstract = jax.eval_shape(lambda: init_state(config))
-  param_specs = state_specs(abstract, optimizer).params
-  return jax.jit(jax.shard_map(local_predict, mesh=mesh, in_specs=(param_specs, P(DATA)),
+  return jax.jit(jax.shard_map(local_predict, mesh=layout.mesh,
+                               in_specs=(layout.specs.params, P(DATA)),
                                out_specs=(P(DATA), P(DATA)), check_vma=False))

@@ -88,13 +88,15 @@ class OurTrainStep:
     import jax
     import numpy as np
 
-    from alexnet_jax import parallel, steps
+    from alexnet_jax import optim, parallel, steps
 
     self.config = config
     self.batch_size = config.batch_size
     self.mesh = parallel.make_mesh(config, devices)
-    self.state = steps.create_train_state(config, self.mesh)
-    self.step = steps.make_train_step(config, self.mesh, steps_per_epoch=10_000)
+    layout = steps.state_layout(config, self.mesh)
+    self.state = steps.create_train_state(config, layout)
+    self.step = steps.make_train_step(config, layout,
+                                      optim.make_schedule(config, steps_per_epoch=10_000))
     self.step_rng = steps.step_rng
     rng = np.random.default_rng(seed)
     s = config.model.input_size
@@ -148,8 +150,9 @@ class OurEvalStep:
 
     self.batch_size = config.eval_batch_size
     mesh = parallel.make_mesh(config, devices)
-    self.state = steps.create_train_state(config, mesh)
-    step = steps.make_eval_step(config, mesh)
+    layout = steps.state_layout(config, mesh)
+    self.state = steps.create_train_state(config, layout)
+    step = steps.make_eval_step(config, layout)
     rng = np.random.default_rng(seed + 1)
     s = config.model.input_size
     b = self.batch_size

@@ -108,7 +108,7 @@ if __package__ in (None, ""):  # `python benchmarks/input_pipeline.py`
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from alexnet_jax import input_pipeline as ip  # noqa: E402
+from alexnet_jax import data as ip  # noqa: E402
 from alexnet_jax.data import sources, square_cache  # noqa: E402
 from alexnet_jax.data._tf import AUTOTUNE, tf  # noqa: E402
 from experiments.alexnet import get_config  # noqa: E402

@@ -22,7 +22,7 @@ widths are computed from the base config, so the rule holds for the demo's width
 Run on ImageNet (one point after another; or `--print_only` for the six commands, to run
 them side by side on a cluster):
 
-  python -m alexnet_jax.sweep --sweep=experiments/ablations.py --workdir=runs/ablations \
+  python -m alexnet_jax.tools.sweep --sweep=experiments/ablations.py --workdir=runs/ablations \
       --config.dataset.manual_dir=/data/imagenet/manual
 
 Expected (ILSVRC-2012 val, 10 crops; the paper's changes): baseline about 40.7% top-1 /
@@ -34,7 +34,7 @@ reach 25% training error, Figure 1). Six times 5-6 days on two GTX 580 in 2012.
 
 Variants:
   `:demo`   the same points over experiments/demo.py (the built-in shapes data on a CPU):
-            python -m alexnet_jax.sweep --sweep=experiments/ablations.py:demo \
+            python -m alexnet_jax.tools.sweep --sweep=experiments/ablations.py:demo \
                 --workdir=experiments/results/ablations_demo
             3-6 minutes a point on a shared 2-core CPU, about 25 minutes in all;
             results in experiments/results/ablations_demo/results.md.
@@ -118,7 +118,7 @@ def get_sweep(variant: str = "") -> dict[str, Any]:
            overrides={"model.activation": "tanh"},
            note="the paper gives no ImageNet number; on CIFAR-10 a four-layer tanh net takes "
                 "six times as long as with ReLUs to reach 25% training error (Figure 1; "
-                "python -m alexnet_jax.figure1)."),
+                "python -m alexnet_jax.tools.figure1)."),
   ]
   return {
       "title": f"AlexNet ablations over {config_path}{':' + config_variant if config_variant else ''}",

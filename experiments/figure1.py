@@ -9,7 +9,7 @@ cuda-convnet's fast CIFAR-10 example (layers-80sec.cfg): conv 5x5 32 maps -> max
 
 Run (the built-in demo shapes at 32x32, CIFAR-10's size, on a CPU):
 
-  python -m alexnet_jax.figure1 --config=experiments/figure1.py --workdir=runs/figure1
+  python -m alexnet_jax.tools.figure1 --config=experiments/figure1.py --workdir=runs/figure1
 
 Expected on a 2-core CPU: a few minutes; both curves in runs/figure1/figure1.png, and in
 figure1.json the epochs each activation needs to reach 25% training error: tanh several
@@ -18,7 +18,7 @@ times as many as ReLU.
 On CIFAR-10 (TFDS `cifar10` prepared once, on a machine with network access, by
 `python -m alexnet_jax.data.prepare cifar10`):
 
-  python -m alexnet_jax.figure1 --config=experiments/figure1.py:cifar10 --workdir=runs/figure1_cifar
+  python -m alexnet_jax.tools.figure1 --config=experiments/figure1.py:cifar10 --workdir=runs/figure1_cifar
 
 Expected: ReLU at 25% training error within a few epochs, tanh about six times later.
 Variant `:smoke` is tiny (2 epochs of a few batches), for tests.

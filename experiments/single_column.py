@@ -3,7 +3,7 @@ r"""The single-column AlexNet of "One weird trick" (Krizhevsky 2014) = torchvisi
 One tower, widths 64-192-384-256-256, fc 4096-4096, conv1 padding 2 on a 224
 input, no LRN: 61,100,840 parameters, 714,188,480 multiply-accumulates.
 torchvision's pretrained weights score 43.48% top-1 / 20.93% top-5 error
-(ILSVRC-2012 val, centre crop); `python -m alexnet_jax.convert_torchvision`
+(ILSVRC-2012 val, centre crop); `python -m alexnet_jax.tools.convert_torchvision`
 imports them into this config.
 
 Run:

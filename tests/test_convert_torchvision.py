@@ -14,7 +14,9 @@ import jax
 import numpy as np
 import pytest
 
-from alexnet_jax import checkpoint, convert_torchvision, model, parallel, train
+from alexnet_jax import checkpoint, model, parallel, steps
+
+from alexnet_jax.tools import convert_torchvision
 from experiments import single_column
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -61,7 +63,7 @@ TORCH_SCRIPT = textwrap.dedent("""
         nn.init.uniform_(m.bias, -0.1, 0.1)
     net.eval()
     torch.save(net.state_dict(), f"{workdir}/alexnet.pth")
-    subprocess.run([converter_python, "-m", "alexnet_jax.convert_torchvision",
+    subprocess.run([converter_python, "-m", "alexnet_jax.tools.convert_torchvision",
                     f"--state_dict={workdir}/alexnet.pth", f"--out={workdir}/alexnet.npz"],
                    check=True)
 
@@ -158,7 +160,7 @@ def test_save_as_checkpoint_restores_the_params(tmp_path):
   mesh = parallel.make_mesh(config, jax.devices()[:1])
   ckpt = checkpoint.Checkpointer(str(tmp_path), read_only=True)
   ckpt.check_compatible(config)
-  state = ckpt.restore(train.abstract_train_state(config, mesh))
+  state = ckpt.restore(steps.state_layout(config, mesh).abstract)
   ckpt.close()
   for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(jax.device_get(state.params)),
                   strict=True):

@@ -6,7 +6,7 @@ import time
 import numpy as np
 from PIL import Image
 
-from alexnet_jax import input_pipeline as ip
+from alexnet_jax import data as ip
 from alexnet_jax.data import demo
 from experiments.alexnet import get_config
 

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from alexnet_jax import figure1
+from alexnet_jax.tools import figure1
 from experiments import figure1 as figure1_config
 
 

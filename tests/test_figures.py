@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from alexnet_jax import figures, train
+from alexnet_jax.run import train
+from alexnet_jax.tools import figures
 from experiments import alexnet
 
 LAYOUT = dict(per_row=16, scale=4, pad=2, tower_gap=12)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
-from alexnet_jax import input_pipeline as ip
+from alexnet_jax import data as ip
 from alexnet_jax.data import augment, decode, pipeline, sources
 from alexnet_jax.data import stats as stats_lib
 from alexnet_jax.data._tf import tf

@@ -48,12 +48,16 @@ def test_piecewise_schedule_and_warmup():
   config = alexnet.get_config()
   config.optim.schedule = "piecewise"
   config.optim.boundaries_epochs = (2.0, 3.0)
-  sched = optim.base_schedule(config, steps_per_epoch=10)
-  assert [float(sched(s)) for s in (0, 19, 20, 29, 30)] == pytest.approx(
+  plateau = optim.make_plateau(config).init(None)  # scale 1
+  sched = optim.make_schedule(config, steps_per_epoch=10)
+  assert [float(sched(s, plateau)) for s in (0, 19, 20, 29, 30)] == pytest.approx(
       [0.01, 0.01, 0.001, 0.001, 0.0001])
   config.optim.warmup_epochs = 1.0
-  sched = optim.base_schedule(config, steps_per_epoch=10)
-  assert float(sched(0)) == pytest.approx(0.001) and float(sched(9)) == pytest.approx(0.01)
+  sched = optim.make_schedule(config, steps_per_epoch=10)
+  assert float(sched(0, plateau)) == pytest.approx(0.001)
+  assert float(sched(9, plateau)) == pytest.approx(0.01)
+  lowered = plateau._replace(scale=plateau.scale * 0.1)  # the plateau rule multiplies in
+  assert float(sched(29, lowered)) == pytest.approx(0.0001)
 
 
 def test_plateau_divides_after_patience_and_stops_after_max_reductions():
@@ -74,7 +78,7 @@ def test_plateau_divides_after_patience_and_stops_after_max_reductions():
 
 def test_plateau_state_round_trips_through_a_checkpoint(tmp_path):
   config = alexnet.get_config("smoke")
-  state = steps.init_state(config)
+  state = steps.init_state(config, optim.make_optimizer(config))
   for err in (0.5, 0.5, 0.5):
     state = state.replace(plateau=optim.plateau_update(config, state.plateau, err))
   assert float(state.plateau.scale) == pytest.approx(0.1)

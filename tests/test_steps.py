@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from alexnet_jax import config_checks, parallel, steps
+from alexnet_jax import config_checks, optim, parallel, steps
 from experiments import alexnet
 
 # (data, model, microbatch_size): every way to split a step must agree with (1, 1, 0).
@@ -34,8 +34,9 @@ def _run(data, model, microbatch=0, num_steps=2):
   """Steps on one mesh: final params, per-step metrics, the step function, state."""
   config = _config(data, model, microbatch)
   mesh = parallel.make_mesh(config)
-  state = steps.create_train_state(config, mesh)
-  train_step = steps.make_train_step(config, mesh, steps_per_epoch=100)
+  layout = steps.state_layout(config, mesh)
+  state = steps.create_train_state(config, layout)
+  train_step = steps.make_train_step(config, layout, optim.make_schedule(config, 100))
   history = []
   for batch in _batches(num_steps):
     state, metrics = train_step(state, parallel.global_batch(mesh, batch), steps.step_rng(state))
@@ -58,7 +59,8 @@ def test_every_mesh_gives_the_same_step(data, model, microbatch):
 
 def test_training_changes_parameters_and_reports_metrics():
   params, metrics, *_ = _run(1, 1)
-  fresh = steps.init_state(_config(1, 1)).params
+  config = _config(1, 1)
+  fresh = steps.init_state(config, optim.make_optimizer(config)).params
   assert not np.allclose(params["fc8"]["kernel"], fresh["fc8"]["kernel"])
   assert set(metrics[0]) >= {"loss", "top1_error", "top5_error", "learning_rate",
                              "grad_norm", "param_norm", "update_norm"}
@@ -104,7 +106,7 @@ def test_microbatch_that_does_not_divide_the_device_batch_is_rejected():
 def test_eval_step_counts_only_unmasked_examples_and_averages_ten_crops():
   *_, state, mesh = _run(4, 2)
   config = _config(4, 2)
-  eval_step = steps.make_eval_step(config, mesh)
+  eval_step = steps.make_eval_step(config, steps.state_layout(config, mesh))
   rng = np.random.default_rng(5)
   images = rng.normal(0, 50, (8, 224, 224, 3)).astype(np.float32)
   labels = rng.integers(0, 10, 8).astype(np.int32)

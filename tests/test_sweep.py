@@ -16,7 +16,7 @@ import textwrap
 import pytest
 from absl import app
 
-from alexnet_jax import sweep
+from alexnet_jax.tools import sweep
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -39,7 +39,7 @@ SWEEP_FILE = textwrap.dedent('''
 
 
 def _sweep_cmd(tmp_path, *extra: str) -> list[str]:
-  return [sys.executable, "-m", "alexnet_jax.sweep", f"--sweep={tmp_path / 'smoke_sweep.py'}",
+  return [sys.executable, "-m", "alexnet_jax.tools.sweep", f"--sweep={tmp_path / 'smoke_sweep.py'}",
           f"--workdir={tmp_path / 'sweep'}", f"--config.dataset.cache_dir={tmp_path / 'cache'}",
           *extra]
 

@@ -28,7 +28,7 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image, ImageFilter
 
-from alexnet_jax import input_pipeline as ip
+from alexnet_jax import data as ip
 from alexnet_jax.data import pipeline, prepare, sources
 from experiments.alexnet import get_config
 

@@ -15,7 +15,8 @@ import pytest
 import tensorflow as tf
 from tensorboard.backend.event_processing import event_accumulator
 
-from alexnet_jax import checkpoint, cli, evaluate, parallel, steps, train
+from alexnet_jax import checkpoint, cli, parallel, steps
+from alexnet_jax.run import evaluate, setup, train
 from experiments import alexnet
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -54,7 +55,7 @@ def _params(workdir, config, step=None):
   config.mesh.data, config.mesh.model = 1, 1
   mesh = parallel.make_mesh(config, jax.devices()[:1])
   ckpt = checkpoint.Checkpointer(workdir, read_only=True)
-  state = ckpt.restore(train.abstract_train_state(config, mesh), step)
+  state = ckpt.restore(steps.state_layout(config, mesh).abstract, step)
   ckpt.close()
   return jax.device_get(state)
 
@@ -150,9 +151,9 @@ def test_eval_mode_on_another_device_count_writes_the_report(trained, cache_dir)
     assert 0.0 <= report[view]["top5_error"] <= report[view]["top1_error"] <= 1.0
   # The same numbers as an evaluation on this process's 8 devices.
   config = _config(cache_dir)
-  run = train.setup(config)
-  state = evaluate.restore(config, trained, run.mesh)
-  centre = evaluate.evaluate(config, state, run.mesh, steps.make_eval_step(config, run.mesh),
+  run = setup.build(config, trained, mode="eval")
+  state = evaluate.restore(run, trained)
+  centre = evaluate.evaluate(run, state, steps.make_eval_step(config, run.layout),
                              ten_crop=False)
   assert centre["top1_error"] == pytest.approx(report["center_crop"]["top1_error"])
 
@@ -167,15 +168,14 @@ def test_predict_prints_top5_for_real_images(trained, cache_dir, shared_data):
     assert len(probs) == 5 and probs == sorted(probs, reverse=True)
 
 
-def test_imagenet_class_words_for_1000_classes():
-  from alexnet_jax.data import DatasetInfo
-
+def test_imagenet_class_words_for_any_set_of_ilsvrc_wnids():
   names = [line.split("\t")[0] for line in open(os.path.join(evaluate.RESOURCES,
                                                              "ilsvrc2012_classes.tsv"))
            if not line.startswith("#")]
-  info = DatasetInfo(num_classes=1000, num_train=1, num_eval=1, class_names=tuple(names))
-  words = evaluate.class_names(None, info)
+  words = evaluate.readable_names(names)
   assert words[0] == "tench, Tinca tinca" and len(words) == 1000
+  # An image folder of ten ILSVRC classes (e.g. Imagenette) gets words too; others stay.
+  assert evaluate.readable_names(["n01440764", "circle"]) == ["tench, Tinca tinca", "circle"]
 
 
 def _free_port():
@@ -184,15 +184,19 @@ def _free_port():
     return s.getsockname()[1]
 
 
-def test_two_processes_equal_one(tmp_path, cache_dir):
+@pytest.mark.parametrize("data,model", [(2, 2), (1, 2)], ids=["replica_per_process",
+                                                              "tower_per_process"])
+def test_two_processes_equal_one(tmp_path, cache_dir, data, model):
+  """Two processes train as one; with (1, 2) the towers of one replica sit in different
+  processes, which must then read the same examples (shares follow the mesh)."""
   overrides = dict(num_train_steps=2, eval_every_steps=2, checkpoint_every_steps=2,
-                   **{"mesh.data": 2, "mesh.model": 2})
+                   **{"mesh.data": data, "mesh.model": model})
   single = str(tmp_path / "single")
-  out = _main(single, _flags(cache_dir, **overrides), devices=4)
+  out = _main(single, _flags(cache_dir, **overrides), devices=data * model)
   assert out.returncode == 0, out.stderr[-3000:]
   multi = str(tmp_path / "multi")
   port = _free_port()
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={data * model // 2}",
              JAX_PLATFORMS="cpu")
   procs = [subprocess.Popen(
       [sys.executable, os.path.join(ROOT, "main.py"), f"--workdir={multi}",
@@ -205,7 +209,9 @@ def test_two_processes_equal_one(tmp_path, cache_dir):
   a, b = _params(single, config), _params(multi, config)
   for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params), strict=True):
     np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
-  assert os.path.exists(f"{multi}/final_metrics.json")
+  final = [json.load(open(f"{d}/final_metrics.json")) for d in (single, multi)]
+  assert final[0]["num_examples"] == final[1]["num_examples"] == 40  # each image once
+  assert final[1]["top1_error"] == pytest.approx(final[0]["top1_error"])
 
 
 def test_mismatched_checkpoint_is_refused_and_nothing_overwritten(trained, cache_dir):
@@ -224,10 +230,15 @@ def test_unknown_config_field_is_an_error(tmp_path, cache_dir):
   assert not os.listdir(tmp_path)
 
 
-def test_bad_value_is_rejected_before_compiling(tmp_path, cache_dir):
-  start = time.perf_counter()
-  assert cli.run("train", _config(cache_dir, batch_size=-4), str(tmp_path)) == 2
-  assert time.perf_counter() - start < 5
+def test_bad_value_is_rejected_before_compiling(tmp_path, cache_dir, monkeypatch, capsys):
+  def compiled(*args, **kwargs):
+    raise AssertionError("a step was built before the config was checked")
+
+  for name in ("state_layout", "create_train_state", "make_train_step"):
+    monkeypatch.setattr(steps, name, compiled)
+  assert cli.run("train", _config(cache_dir, batch_size=-4), str(tmp_path / "w")) == 2
+  assert "config.batch_size" in capsys.readouterr().err
+  assert not os.path.exists(tmp_path / "w")  # nothing written either
 
 
 def test_missing_dataset_is_a_clear_error(tmp_path, cache_dir, capsys):
@@ -237,3 +248,40 @@ def test_missing_dataset_is_a_clear_error(tmp_path, cache_dir, capsys):
   err = capsys.readouterr().err
   assert "dataset.image_folder" in err and "nowhere" in err
   assert not os.path.exists(tmp_path / "w")
+
+
+def test_a_copied_workdir_predicts_and_evaluates_without_the_dataset(tmp_path):
+  """A workdir carries its class names and input statistics: copied elsewhere, with the
+  dataset and the statistics cache gone, predict gives the same top-5 and eval works."""
+  import shutil
+
+  cache = tmp_path / "cache"
+  workdir = tmp_path / "run"
+  flags = _flags(str(cache), num_train_steps=2)
+  assert _main(str(workdir), flags).returncode == 0
+  demo_val = sorted(glob.glob(f"{cache}/demo*/val/*/*.*"))
+  assert demo_val, os.listdir(cache)
+  images = []
+  for i, path in enumerate(demo_val[::10][:2]):  # outside the dataset, which goes away
+    images.append(str(tmp_path / f"query{i}{os.path.splitext(path)[1]}"))
+    shutil.copy(path, images[-1])
+  val_copy = tmp_path / "val_only" / "val"
+  shutil.copytree(os.path.dirname(os.path.dirname(demo_val[0])), val_copy)
+  before = _main(str(workdir), flags + [f"--images={','.join(images)}"], mode="predict")
+  assert before.returncode == 0, before.stderr[-3000:]
+
+  moved = tmp_path / "elsewhere" / "run"
+  shutil.copytree(workdir, moved)
+  shutil.rmtree(workdir)
+  shutil.rmtree(cache)
+  after = _main(str(moved), flags + [f"--images={','.join(images)}"], mode="predict")
+  assert after.returncode == 0, after.stderr[-3000:]
+  assert after.stdout == before.stdout and "%" in after.stdout
+  assert not cache.exists()  # nothing regenerated: the workdir was enough
+
+  # Evaluation needs validation images, not the training set: a folder of val/ only.
+  out = _main(str(moved), flags + ["--config.dataset.name=image_folder",
+                                   f"--config.dataset.image_folder={val_copy.parent}"],
+              mode="eval")
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert json.load(open(moved / "eval" / "2.json"))["num_examples"] == 40

@@ -10,6 +10,7 @@ from alexnet_jax.data.pipeline import (
     eval_batches,
     eval_dataset,
     load_image_files_uint8,
+    needed_statistics,
     preprocess_image_files,
     statistics,
     steps_per_epoch,
@@ -22,6 +23,6 @@ from alexnet_jax.data.stats import Stats
 __all__ = [
     "BadImageError", "BadImageLog", "DatasetInfo", "DatasetNotFoundError", "Stats",
     "dataset_info", "eval_batches", "eval_dataset", "load_image_files_uint8",
-    "preprocess_image_files", "statistics", "steps_per_epoch", "train_batches",
+    "needed_statistics", "preprocess_image_files", "statistics", "steps_per_epoch", "train_batches",
     "train_dataset",
 ]

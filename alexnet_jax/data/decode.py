@@ -66,8 +66,6 @@ class BadImageLog:
 def make_bad_image_log(config, bad_images: BadImageLog | None) -> BadImageLog:
   """The caller's log, or a fresh one following `config.input.on_bad_image`."""
   mode = config.input.on_bad_image
-  if mode not in ("skip", "error"):
-    raise ValueError(f"config.input.on_bad_image must be 'skip' or 'error', got {mode!r}")
   if bad_images is None:
     return BadImageLog(on_bad_image=mode)
   bad_images.on_bad_image = mode

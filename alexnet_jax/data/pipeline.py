@@ -61,7 +61,6 @@ _log = logging.getLogger(__name__)
 # A bad training file is replaced by a random other example; more than this many bad
 # files in a row means the dataset is broken, not that one file is.
 _MAX_SUBSTITUTION_TRIES = 16
-_MEAN_MODES = ("per_pixel", "per_channel", "published", "none")
 
 
 # ------------------------------------------------------------------ public API
@@ -92,8 +91,6 @@ def statistics(config) -> stats_lib.Stats:
   mode = config.input.stats
   if mode == "published":
     return stats_lib.published(resize)
-  if mode != "computed":
-    raise ValueError(f"config.input.stats must be 'computed' or 'published', got {mode!r}")
   source = get_source(config)
   idx = stats_lib.sample_indices(source.info.num_train, int(config.input.stats_max_images))
   path = stats_lib.cache_path(config.dataset.cache_dir, source.identity,
@@ -112,21 +109,26 @@ def statistics(config) -> stats_lib.Stats:
 
 
 def train_batches(config, *, start_step: int = 0, process_index: int = 0,
-                  process_count: int = 1,
-                  bad_images: BadImageLog | None = None) -> Iterator[dict[str, np.ndarray]]:
+                  process_count: int = 1, bad_images: BadImageLog | None = None,
+                  stats: stats_lib.Stats | None = None) -> Iterator[dict[str, np.ndarray]]:
   """Infinite training stream from global step `start_step`, this process's share.
+
+  process_index/process_count: which share of each global batch to read, of how many
+  (`parallel.data_share` derives them from the mesh). stats: the mean/PCA statistics to
+  use (a run passes the ones it recorded); None = `statistics(config)`.
 
   Yields {'image': float32 [b, S, S, 3] (augmented, mean-subtracted, / train_divisor),
   'label': int32 [b]}, b = config.batch_size // process_count, S = config.model.input_size.
   """
   log = make_bad_image_log(config, bad_images)
   ds = train_dataset(config, start_step=start_step, process_index=process_index,
-                     process_count=process_count, bad_images=log)
+                     process_count=process_count, bad_images=log, stats=stats)
   return _numpy_batches(ds, log)
 
 
 def eval_batches(config, *, ten_crop: bool, process_index: int = 0, process_count: int = 1,
-                 bad_images: BadImageLog | None = None) -> Iterator[dict[str, np.ndarray]]:
+                 bad_images: BadImageLog | None = None,
+                 stats: stats_lib.Stats | None = None) -> Iterator[dict[str, np.ndarray]]:
   """One pass over the evaluation split, padded so every process yields the same batches.
 
   Yields {'image': float32 [b, S, S, 3] (centre crop) or [b, 10, S, S, 3] (corners and
@@ -136,16 +138,18 @@ def eval_batches(config, *, ten_crop: bool, process_index: int = 0, process_coun
   """
   log = make_bad_image_log(config, bad_images)
   ds = eval_dataset(config, ten_crop=ten_crop, process_index=process_index,
-                    process_count=process_count, bad_images=log)
+                    process_count=process_count, bad_images=log, stats=stats)
   return _numpy_batches(ds, log)
 
 
-def preprocess_image_files(config, paths: Sequence[str]) -> np.ndarray:
+def preprocess_image_files(config, paths: Sequence[str],
+                           stats: stats_lib.Stats | None = None) -> np.ndarray:
   """Image files -> float32 [n, S, S, 3]: centre crop, mean-subtracted, as in evaluation.
 
-  An undecodable file raises BadImageError naming it.
+  An undecodable file raises BadImageError naming it. stats: as for `eval_batches`.
   """
-  mean = _mean_crop(config, AugmentConfig.from_config(config))
+  a = AugmentConfig.from_config(config)
+  mean = _mean_crop(config, a, stats if stats is not None else _needed_stats(config, a, False))
   return load_image_files_uint8(config, paths).astype(np.float32) - mean
 
 
@@ -204,7 +208,8 @@ def eval_indices(num_eval: int, global_batch: int, process_index: int,
 
 def train_dataset(config, *, start_step: int = 0, process_index: int = 0,
                   process_count: int = 1, bad_images: BadImageLog | None = None,
-                  source: Source | None = None) -> tf.data.Dataset:
+                  source: Source | None = None,
+                  stats: stats_lib.Stats | None = None) -> tf.data.Dataset:
   """The tf.data pipeline behind `train_batches` (same arguments, same elements)."""
   log = make_bad_image_log(config, bad_images)
   source = source or get_source(config)
@@ -227,7 +232,8 @@ def train_dataset(config, *, start_step: int = 0, process_index: int = 0,
     idx.set_shape([None])
     return tf.data.Dataset.from_tensor_slices(idx).map(lambda i: (i, epoch))
 
-  stats = _needed_stats(config, a, train=True)
+  if stats is None:
+    stats = _needed_stats(config, a, train=True)
   mean = _mean_crop(config, a, stats)
   cached = bool(config.input.get("square_cache", False))
   if cached:
@@ -271,7 +277,8 @@ def train_dataset(config, *, start_step: int = 0, process_index: int = 0,
 
 def eval_dataset(config, *, ten_crop: bool, process_index: int = 0, process_count: int = 1,
                  bad_images: BadImageLog | None = None,
-                 source: Source | None = None) -> tf.data.Dataset:
+                 source: Source | None = None,
+                 stats: stats_lib.Stats | None = None) -> tf.data.Dataset:
   """The tf.data pipeline behind `eval_batches` (same arguments, same elements)."""
   log = make_bad_image_log(config, bad_images)
   source = source or get_source(config)
@@ -292,7 +299,7 @@ def eval_dataset(config, *, ten_crop: bool, process_index: int = 0, process_coun
     img = tf.cond(ok, lambda: decode_centre_square(data, a.resize_size, a.antialias), lambda: blank)
     return {"image": views(img), "label": tf.cast(label, tf.int32), "mask": ok}
 
-  mean = _mean_crop(config, a, _needed_stats(config, a, train=False))
+  mean = _mean_crop(config, a, stats if stats is not None else _needed_stats(config, a, False))
 
   def finish(batch):
     x = tf.cast(batch["image"], tf.float32)
@@ -369,10 +376,14 @@ def _cached_with_substitutes(load, valid: np.ndarray, labels: np.ndarray, index,
   return index, tf.gather(labels_t, index)
 
 
+def needed_statistics(config) -> stats_lib.Stats | None:
+  """The statistics training with `config` uses (mean and/or PCA), else None: what a run
+  records in its workdir so evaluation and prediction need no training data."""
+  return _needed_stats(config, AugmentConfig.from_config(config), train=True)
+
+
 def _needed_stats(config, a: AugmentConfig, train: bool) -> stats_lib.Stats | None:
   mode = config.input.mean
-  if mode not in _MEAN_MODES:
-    raise ValueError(f"config.input.mean must be one of {_MEAN_MODES}, got {mode!r}")
   explicit = mode == "per_channel" and config.input.get("mean_rgb") is not None
   if (mode in ("per_pixel", "per_channel") and not explicit) or (train and a.pca_jitter):
     return statistics(config)
@@ -396,10 +407,8 @@ def _mean_crop(config, a: AugmentConfig, stats: stats_lib.Stats | None = None) -
   stats = stats or statistics(config)
   if mode == "per_channel":
     return stats.mean_rgb.astype(np.float32)
-  if mode == "per_pixel":
-    m = (a.resize_size - a.crop_size) // 2
-    return stats.mean_image[m:m + a.crop_size, m:m + a.crop_size].astype(np.float32)
-  raise ValueError(f"config.input.mean must be one of {_MEAN_MODES}, got {mode!r}")
+  m = (a.resize_size - a.crop_size) // 2  # per_pixel
+  return stats.mean_image[m:m + a.crop_size, m:m + a.crop_size].astype(np.float32)
 
 
 # TF's elementwise ops are slow when an operand broadcasts along the innermost axis of 3

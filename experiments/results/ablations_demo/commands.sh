@@ -1,4 +1,4 @@
-# Run from /work/main; written by python -m alexnet_jax.sweep --sweep=experiments/ablations.py:demo
+# Run from /work/main; written by python -m alexnet_jax.tools.sweep --sweep=experiments/ablations.py:demo
 python main.py --workdir=experiments/results/ablations_demo/baseline --config=experiments/demo.py
 python main.py --workdir=experiments/results/ablations_demo/no_lrn --config=experiments/demo.py --config.model.lrn.enabled=False
 python main.py --workdir=experiments/results/ablations_demo/non_overlapping_pool --config=experiments/demo.py --config.model.pool_window=2 --config.model.pool_stride=2

@@ -2,7 +2,7 @@
 
   write_all(config, workdir)               # restores the latest checkpoint, writes all
   conv1_kernels(params, path)              # Figure 3: the conv1 kernels, tower by tower
-  neighbours(config, mesh, params, query_paths, train_paths, path)   # Figure 4
+  neighbours(run, params, query_paths, train_paths, path)   # Figure 4 (run: setup.build)
   training_curves(workdir, path)           # loss, errors and learning rate vs step
 
 Figure 3 shows every conv1 kernel [kh, kw, 3] as a small RGB image, tower 1's
@@ -188,48 +188,50 @@ def nearest(queries: np.ndarray, bank: np.ndarray, k: int,
   return best_i, np.sqrt(best_d)
 
 
-def _features(config, mesh, params, paths: Sequence[str],
+def _features(run, params, paths: Sequence[str],
               predict_step) -> tuple[np.ndarray, np.ndarray]:
   """(probabilities [n, classes], fc7 features [n, width]) of image files, in chunks."""
-  from alexnet_jax import evaluate, input_pipeline
+  from alexnet_jax import data
+  from alexnet_jax.run import evaluate
 
   probs, feats = [], []
   for start in range(0, len(paths), _FEATURE_CHUNK):
-    images = input_pipeline.preprocess_image_files(config, paths[start:start + _FEATURE_CHUNK])
-    p, f = evaluate.features_and_probabilities(config, mesh, params, images,
-                                               predict_step=predict_step)
+    images = data.preprocess_image_files(run.config, paths[start:start + _FEATURE_CHUNK],
+                                         stats=run.stats)
+    p, f = evaluate.features_and_probabilities(run, params, images, predict_step=predict_step)
     probs.append(p)
     feats.append(f)
   return np.concatenate(probs), np.concatenate(feats)
 
 
-def neighbours(config, mesh, params, query_paths: Sequence[str], train_paths: Sequence[str],
+def neighbours(run, params, query_paths: Sequence[str], train_paths: Sequence[str],
                path: str, num_neighbours: int = DEFAULT_NUM_NEIGHBOURS, *,
                query_labels: Sequence[int] | None = None,
                names: Sequence[str] | None = None) -> dict[str, Any]:
   """Figure 4: top-5 labels (left) and nearest training images in fc7 space (right).
 
   Args:
-    config: the run's config; mesh, params: as for `evaluate.features_and_probabilities`.
+    run: the run (`setup.build`); params: as for `evaluate.features_and_probabilities`.
     query_paths: the q images shown (e.g. from the evaluation split).
     train_paths: the n images searched for neighbours.
     path: the PNG to write.
     num_neighbours: neighbours shown per query (the paper: six).
     query_labels: true classes of the queries, if known: their bar is drawn red.
-    names: class names (default: `evaluate.class_names` of the configured dataset).
+    names: class names (default: the run's, in ImageNet's words where they are wnids).
 
   Returns:
     {"queries": [{"path", "label", "label_name", "top5": [[name, probability]] (TOP_K of them),
                   "neighbours": [{"path", "distance"}]}]}.
   """
-  from alexnet_jax import evaluate, input_pipeline, steps
+  from alexnet_jax import data, steps
+  from alexnet_jax.run import evaluate
 
   if names is None:
-    names = evaluate.class_names(config, input_pipeline.dataset_info(config))
+    names = evaluate.readable_names(run.class_names)
   query_paths, train_paths = [str(p) for p in query_paths], [str(p) for p in train_paths]
-  predict_step = steps.make_predict_step(config, mesh)  # one compile for every chunk
-  q_probs, q_feats = _features(config, mesh, params, query_paths, predict_step)
-  _, t_feats = _features(config, mesh, params, train_paths, predict_step)
+  predict_step = steps.make_predict_step(run.config, run.layout)  # one compile for all chunks
+  q_probs, q_feats = _features(run, params, query_paths, predict_step)
+  _, t_feats = _features(run, params, train_paths, predict_step)
   index, dist = nearest(q_feats, t_feats, num_neighbours)
 
   top = np.argsort(-q_probs, axis=1, kind="stable")[:, :min(TOP_K, q_probs.shape[1])]
@@ -243,8 +245,8 @@ def neighbours(config, mesh, params, query_paths: Sequence[str], train_paths: Se
   } for i, p in enumerate(query_paths)]}
 
   # Only the shown images are decoded again, as uint8 for display.
-  shown = input_pipeline.load_image_files_uint8(
-      config, query_paths + [train_paths[j] for j in index.reshape(-1)])
+  shown = data.load_image_files_uint8(
+      run.config, query_paths + [train_paths[j] for j in index.reshape(-1)])
   q_images = shown[:len(query_paths)]
   n_images = shown[len(query_paths):].reshape(len(query_paths), index.shape[1],
                                               *shown.shape[1:])
@@ -414,7 +416,7 @@ def evenly_spaced(n: int, count: int) -> np.ndarray:
   return np.unique(np.linspace(0, n - 1, count).round().astype(np.int64))
 
 
-def write_all(config, workdir: str, *, state=None, step: int | None = None,
+def write_all(config, workdir: str, *, run=None, state=None, step: int | None = None,
               num_queries: int | None = None, max_train_images: int | None = None,
               num_neighbours: int | None = None) -> list[str]:
   """Writes every figure of a run into workdir/figures/; returns the paths written.
@@ -422,6 +424,7 @@ def write_all(config, workdir: str, *, state=None, step: int | None = None,
   Args:
     config: the run's config.
     workdir: the run's directory (checkpoints, TensorBoard events).
+    run: the run as `setup.build` made it (default: built here from config).
     state: a TrainState to draw (e.g. at the end of training); default: restored from
       the checkpoint at `step` (default latest) with `evaluate.restore`.
     num_queries / max_train_images / num_neighbours: Figure 4's size (default
@@ -433,12 +436,12 @@ def write_all(config, workdir: str, *, state=None, step: int | None = None,
   skipped with a warning. The training curves are skipped when the workdir has no
   TensorBoard events (e.g. imported weights). Single-process only.
   """
-  from alexnet_jax import evaluate, train
   from alexnet_jax.data import sources
+  from alexnet_jax.run import evaluate, setup
 
-  run = train.setup(config)
+  run = run or setup.build(config, workdir, mode="eval")
   if state is None:
-    state = evaluate.restore(config, workdir, run.mesh, step)
+    state = evaluate.restore(run, workdir, step)
   out_dir = os.path.join(workdir, FIGURES_DIR)
   os.makedirs(out_dir, exist_ok=True)
   written = []
@@ -458,12 +461,11 @@ def write_all(config, workdir: str, *, state=None, step: int | None = None,
                           int(_knob(config, "num_queries", num_queries, DEFAULT_NUM_QUERIES)))
     t_idx = evenly_spaced(len(train_paths), int(_knob(
         config, "max_train_images", max_train_images, DEFAULT_MAX_TRAIN_IMAGES)))
-    names = evaluate.class_names(config, run.info)
     path = os.path.join(out_dir, "neighbours.png")
     result = neighbours(
-        config, run.mesh, state.params, list(eval_paths[q_idx]), list(train_paths[t_idx]),
+        run, state.params, list(eval_paths[q_idx]), list(train_paths[t_idx]),
         path, int(_knob(config, "num_neighbours", num_neighbours, DEFAULT_NUM_NEIGHBOURS)),
-        query_labels=list(eval_labels[q_idx]), names=names)
+        query_labels=list(eval_labels[q_idx]))
     json_path = os.path.join(out_dir, "neighbours.json")
     with open(json_path, "w") as f:
       json.dump({"num_train_searched": len(t_idx), **result}, f, indent=2)

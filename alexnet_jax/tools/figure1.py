@@ -1,6 +1,6 @@
 r"""Figure 1 of the paper: a four-layer CNN reaches a training error sooner with ReLUs than tanh.
 
-  python -m alexnet_jax.figure1 --config=experiments/figure1.py --workdir=runs/figure1
+  python -m alexnet_jax.tools.figure1 --config=experiments/figure1.py --workdir=runs/figure1
 
 The paper (section 3.1, Figure 1): "A four-layer convolutional neural network with ReLUs
 (solid line) reaches a 25% training error rate on CIFAR-10 six times faster than an
@@ -40,7 +40,8 @@ import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-from alexnet_jax import input_pipeline, optim  # noqa: E402
+from alexnet_jax import data as input_pipeline  # noqa: E402
+from alexnet_jax import optim  # noqa: E402
 
 # Named like AlexNet's layers so that `optim.make_optimizer`'s per-layer options (looked up
 # by layer name) apply: three convolutions and the classifier, which is AlexNet's fc8.

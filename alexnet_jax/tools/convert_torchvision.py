@@ -7,11 +7,11 @@ project, so the import has two halves in two interpreters:
 
   # 1. under any Python that has torch (e.g. the benchmark's .venv-torch):
   #    the state_dict's arrays -> a plain .npz with torchvision's key names
-  .venv-torch/bin/python -m alexnet_jax.convert_torchvision \
+  .venv-torch/bin/python -m alexnet_jax.tools.convert_torchvision \
       --state_dict=alexnet-owt-7be5be79.pth --out=alexnet_tv.npz
 
   # 2. under the project's venv: the .npz -> a checkpoint (step 0) in a workdir
-  .venv/bin/python -m alexnet_jax.convert_torchvision \
+  .venv/bin/python -m alexnet_jax.tools.convert_torchvision \
       --npz=alexnet_tv.npz --workdir=runs/torchvision
 
   # then evaluate it with this project's pipeline:
@@ -185,43 +185,32 @@ def save_as_checkpoint(params, config, workdir: str) -> str:
   import jax
   import jax.numpy as jnp
 
-  from alexnet_jax import checkpoint, steps
+  from alexnet_jax import checkpoint, optim, steps
 
-  state = steps.init_state(config)
+  state = steps.init_state(config, optim.make_optimizer(config))
   expected = jax.tree.map(lambda x: x.shape, state.params)
   given = jax.tree.map(lambda x: tuple(np.shape(x)), params)
   if expected != given:
     raise ValueError(f"params do not fit the config: config {expected}, params {given}")
   state = state.replace(params=jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params))
   ckpt = checkpoint.Checkpointer(workdir)
-  ckpt.save(state, config, force=True)
+  ckpt.save(state, config)
   ckpt.close()
   return ckpt.directory
 
 
-def _import_config(path: str):
-  """get_config() of an experiments/*.py file (optionally 'file.py:variant')."""
-  import importlib.util
-
-  path, _, variant = path.partition(":")
-  spec = importlib.util.spec_from_file_location("_experiment_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(variant) if variant else module.get_config()
-
-
 def main(argv: list[str] | None = None) -> int:
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   parser = argparse.ArgumentParser(
-      prog="python -m alexnet_jax.convert_torchvision", description=__doc__.split("\n")[0],
+      prog="python -m alexnet_jax.tools.convert_torchvision", description=__doc__.split("\n")[0],
       epilog="Either --state_dict with --out (under torch), or --npz with --workdir (under "
       "this project's venv).")
   parser.add_argument("--state_dict", help="torchvision AlexNet .pth (needs torch)")
   parser.add_argument("--out", help="the .npz to write from --state_dict")
   parser.add_argument("--npz", help="the .npz written by --state_dict/--out (needs JAX)")
   parser.add_argument("--workdir", help="where to save the checkpoint from --npz")
-  parser.add_argument("--config", default=os.path.join(root, "experiments", "single_column.py"),
-                      help="experiment config file[:variant] for --npz (default: %(default)s)")
+  parser.add_argument("--config", default="experiments/single_column.py",
+                      help="experiment config file[:variant] for --npz, relative to the cwd or "
+                      "the repo root (default: %(default)s)")
   args = parser.parse_args(argv)
 
   if args.state_dict or args.out:
@@ -232,8 +221,9 @@ def main(argv: list[str] | None = None) -> int:
     return 0
   if not (args.npz and args.workdir):
     parser.error("give --state_dict and --out (half 1), or --npz and --workdir (half 2)")
-  sys.path.insert(0, root)  # the config file imports `experiments`
-  config = _import_config(args.config)
+  from alexnet_jax import config_files  # half 2 only: half 1 runs without ml_collections
+
+  config = config_files.get_config(args.config)
   # Record in the checkpoint's config the input these weights need.
   config.input.mean = "per_channel"
   if "mean_rgb" in config.input:

@@ -1,6 +1,6 @@
 r"""Flag sweeps: run one config file at several points, each a set of --config.* overrides.
 
-  python -m alexnet_jax.sweep --sweep=experiments/ablations.py[:variant] --workdir=runs/abl \
+  python -m alexnet_jax.tools.sweep --sweep=experiments/ablations.py[:variant] --workdir=runs/abl \
       [--config.a.b=value ...] [--print_only]
 
 A sweep file (e.g. `experiments/ablations.py`) defines `get_sweep(variant: str = "")`
@@ -38,7 +38,7 @@ run evaluated ten crops (as the paper's are), else the centre crop's.
 
 `--print_only` prints each point's command, one line each, and runs nothing.
 
-Expected: `python -m alexnet_jax.sweep --sweep=experiments/ablations.py:smoke
+Expected: `python -m alexnet_jax.tools.sweep --sweep=experiments/ablations.py:smoke
 --workdir=/tmp/abl` runs six 2-step points in about a minute each on a 2-core CPU and
 writes /tmp/abl/results.{md,csv,png}; running it again prints "finished, skipped" six
 times and rewrites the tables without training.
@@ -47,7 +47,6 @@ times and rewrites the tables without training.
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import os
 import shlex
@@ -59,13 +58,15 @@ from typing import Any
 
 from absl import app, flags
 
+from alexnet_jax import config_files
+
 FLAGS = flags.FLAGS
 flags.DEFINE_string("sweep", None, "Sweep file, optionally with a variant: path.py[:variant].")
 flags.DEFINE_string("workdir", None, "Directory of the sweep; point P runs in WORKDIR/P.")
 flags.DEFINE_bool("print_only", False, "Print each point's command line; run nothing.")
 flags.DEFINE_list("only", [], "Run (and tabulate) only these points, by name.")
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO_ROOT = config_files.REPO_ROOT
 MAIN = "main.py"  # relative to REPO_ROOT, where the commands run
 FINAL_METRICS = "final_metrics.json"
 # Metric keys of final_metrics.json, best first: the paper's numbers are ten-crop ones.
@@ -78,16 +79,7 @@ PRIMARY_METRICS = (("ten_crop_top1_error", "ten_crop_top5_error"), ("top1_error"
 def load_sweep(spec: str) -> dict[str, Any]:
   """`path.py[:variant]` -> the dict its get_sweep(variant) returns, checked."""
   path, _, variant = spec.partition(":")
-  if not os.path.isfile(path) and os.path.isfile(os.path.join(REPO_ROOT, path)):
-    path = os.path.join(REPO_ROOT, path)
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"no sweep file {path!r}")
-  # Sweep files import experiments.* like config files do: from the repo root.
-  if REPO_ROOT not in sys.path:
-    sys.path.insert(0, REPO_ROOT)
-  module_spec = importlib.util.spec_from_file_location("_sweep_file", path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
+  module = config_files.load_module(path)
   sweep = module.get_sweep(variant) if variant else module.get_sweep()
   points = sweep.get("points") or []
   names = [p["name"] for p in points]
@@ -382,7 +374,7 @@ def main(argv: Sequence[str]) -> int:
     return 0
   os.makedirs(FLAGS.workdir, exist_ok=True)
   with open(os.path.join(FLAGS.workdir, "commands.sh"), "w") as f:
-    f.write(f"# Run from {REPO_ROOT}; written by python -m alexnet_jax.sweep "
+    f.write(f"# Run from {REPO_ROOT}; written by python -m alexnet_jax.tools.sweep "
             f"--sweep={FLAGS.sweep}\n" + "\n".join(commands) + "\n")
   status = run_points(sweep, FLAGS.workdir, extra_flags, FLAGS.only)
   write_results(sweep, FLAGS.workdir, status)

@@ -1,0 +1,134 @@
+"""One run, set up once from a config: what training, evaluation, prediction and the
+figures all take, instead of each re-deriving it.
+
+    run = setup.build(config, workdir, mode="train")   # validates; writes nothing
+    setup.record(run, workdir)                         # train only: the workdir artefacts
+
+`build` checks the whole config (every field, the mesh, the dataset) before anything is
+compiled or written, then derives, once: the mesh and this process's share of each batch,
+the train state's layout (optimizer, PartitionSpecs, abstract state: `steps.StateLayout`),
+the learning-rate schedule, the class names and the input statistics.
+
+A workdir is a complete artefact: `record` writes the class names (dataset.json) and the
+input statistics actually used (input_stats.npz) beside the checkpoints and the config, so
+`--mode=predict` on a copied workdir needs no training data, and a resumed run keeps the
+statistics it started with even if the dataset's cache changes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+import jax
+import ml_collections
+from jax.sharding import Mesh
+
+from alexnet_jax import config_checks, data, optim, parallel, steps
+from alexnet_jax.data import stats as stats_lib
+
+DATASET_FILE = "dataset.json"
+STATS_FILE = "input_stats.npz"
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSetup:
+  """A validated run on a mesh. `info` is None for --mode=predict of a recorded workdir
+  (no dataset needed); `steps_per_epoch`/`num_train_steps`/`schedule` are for training."""
+
+  config: ml_collections.ConfigDict
+  mesh: Mesh
+  layout: steps.StateLayout
+  share: tuple[int, int]  # (index, count) of this process's share of each batch
+  class_names: tuple[str, ...]  # index = label (wnids for ImageNet)
+  stats: stats_lib.Stats | None  # mean image / PCA used by the pipeline; None: none needed
+  info: data.DatasetInfo | None
+  steps_per_epoch: int = 0
+  num_train_steps: int = 0
+  schedule: optim.Schedule | None = None
+
+  def batch_args(self) -> dict[str, Any]:
+    """Keyword arguments every pipeline call of this run takes."""
+    return {"process_index": self.share[0], "process_count": self.share[1], "stats": self.stats}
+
+
+def build(config: ml_collections.ConfigDict, workdir: str | None = None, *,
+          mode: str = "train") -> RunSetup:
+  """Validates `config` and derives the run (compiles nothing, writes nothing).
+
+  mode "train" needs the training data; "eval" the evaluation split; "predict" nothing
+  when `workdir` holds the recorded class names and statistics.
+  """
+  config_checks.check(config, jax.device_count())
+  mesh = parallel.make_mesh(config)
+  recorded = read_record(workdir)
+  info = None
+  if mode != "predict" or recorded is None:
+    info = data.dataset_info(config)
+    if info.num_classes != config.model.num_classes:
+      raise config_checks.ConfigError(
+          "model.num_classes", f"{config.model.num_classes}, but dataset "
+          f"{config.dataset.name!r} has {info.num_classes} classes")
+    if recorded is not None and tuple(recorded[0]) != info.class_names:
+      raise config_checks.ConfigError(
+          "dataset", f"its classes differ from those recorded in {workdir}/{DATASET_FILE} "
+          f"(e.g. {_first_difference(recorded[0], info.class_names)}): labels would mean "
+          "other classes. Point the config at the dataset the run was trained on.")
+  class_names, stats = recorded if recorded is not None else (
+      info.class_names, data.needed_statistics(config))
+  spe = total = 0
+  schedule = None
+  if mode == "train":
+    spe = data.steps_per_epoch(config, info)
+    total = (config.num_train_steps if config.num_train_steps > 0
+             else max(1, round(config.num_epochs * spe)))
+    schedule = optim.make_schedule(config, spe)
+  return RunSetup(config=config, mesh=mesh, layout=steps.state_layout(config, mesh),
+                  share=parallel.data_share(mesh), class_names=tuple(class_names), stats=stats,
+                  info=info, steps_per_epoch=spe, num_train_steps=total, schedule=schedule)
+
+
+def record(run: RunSetup, workdir: str) -> None:
+  """Writes the class names and input statistics into `workdir` (once; process 0)."""
+  if jax.process_index() != 0 or read_record(workdir) is not None:
+    return
+  os.makedirs(workdir, exist_ok=True)
+  if run.stats is not None:
+    stats_lib.save(os.path.join(workdir, STATS_FILE), run.stats,
+                   f"the statistics this run's pipeline used ({run.config.dataset.name})")
+  _atomic_write_json(os.path.join(workdir, DATASET_FILE), {
+      "dataset": run.config.dataset.name, "class_names": list(run.class_names),
+      "num_train": run.info.num_train, "num_eval": run.info.num_eval,
+      "input_stats": STATS_FILE if run.stats is not None else None})
+
+
+def read_record(workdir: str | None) -> tuple[list[str], stats_lib.Stats | None] | None:
+  """(class names, statistics or None) recorded in `workdir`, or None if not recorded."""
+  if not workdir or not os.path.isfile(os.path.join(workdir, DATASET_FILE)):
+    return None
+  with open(os.path.join(workdir, DATASET_FILE)) as f:
+    meta = json.load(f)
+  stats = None
+  if meta.get("input_stats"):
+    path = os.path.join(workdir, meta["input_stats"])
+    stats = stats_lib.load(path)
+    if stats is None:
+      raise FileNotFoundError(f"{path} is missing or unreadable, but {DATASET_FILE} says the "
+                              "run used it; copy the whole workdir")
+  return meta["class_names"], stats
+
+
+def _atomic_write_json(path: str, value: Any) -> None:
+  tmp = f"{path}.tmp.{os.getpid()}"
+  with open(tmp, "w") as f:
+    json.dump(value, f, indent=2)
+  os.replace(tmp, path)
+
+
+def _first_difference(a, b) -> str:
+  for i, (x, y) in enumerate(zip(a, b, strict=False)):
+    if x != y:
+      return f"class {i}: recorded {x!r}, dataset {y!r}"
+  return f"recorded {len(a)} classes, dataset {len(b)}"

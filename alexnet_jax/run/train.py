@@ -1,0 +1,263 @@
+"""The training loop: train, evaluate, checkpoint, resume.
+
+`train_and_evaluate(config, workdir)` is the whole of `--mode=train`:
+
+  1. set the run up (`setup.build`: every config field, the mesh and the dataset are
+     checked before anything is compiled or written);
+  2. restore the latest checkpoint in workdir (refusing one of another network) or
+     initialise; record the run's class names, input statistics and config in workdir;
+  3. step through the data stream from the state's step, which is a pure function of
+     (seed, step): a resumed run sees exactly the batches and dropout masks of an
+     uninterrupted one;
+  4. log to TensorBoard (process 0 only), evaluate, feed the plateau schedule, save
+     asynchronously (only finite states); on SIGTERM or Ctrl-C finish the step, save and
+     exit; at the end, the final centre-crop and ten-crop evaluations.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+from clu import metric_writers, periodic_actions
+from flax import traverse_util
+from jax.experimental import multihost_utils
+
+from alexnet_jax import checkpoint as checkpoint_lib
+from alexnet_jax import data, optim, parallel, steps
+from alexnet_jax.run import evaluate, setup
+
+FINAL_METRICS = "final_metrics.json"
+
+
+class NonFiniteLossError(FloatingPointError):
+  """The loss or the state became NaN or Inf; the last finite checkpoint is kept."""
+
+
+class _StopRequest:
+  """Turns SIGTERM / SIGINT into a stop that every process takes at the same step.
+
+  One process: a flag the loop reads between steps. Several: JAX's preemption sync
+  (jax.distributed's SIGTERM notifier; cli turns SIGINT into SIGTERM) names a step that
+  every process reaches, so none enters the collective save while another steps on.
+  """
+
+  def __init__(self):
+    self.signal_name = None
+    self._previous = {}
+    self._multi = jax.process_count() > 1
+
+  def __enter__(self):
+    if not self._multi and threading.current_thread() is threading.main_thread():
+      for sig in (signal.SIGTERM, signal.SIGINT):
+        self._previous[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    del frame
+    self.signal_name = signal.Signals(signum).name
+
+  def requested(self, step: int) -> bool:
+    """Whether to stop after `step`; call once per step, on every process."""
+    if self._multi and multihost_utils.reached_preemption_sync_point(step):
+      self.signal_name = "SIGTERM (to one of the processes)"
+    return self.signal_name is not None
+
+  def __exit__(self, *exc):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+
+def _write_json(path: str, value: Any) -> None:
+  tmp = f"{path}.tmp.{os.getpid()}"
+  with open(tmp, "w") as f:
+    json.dump(value, f, indent=2)
+  os.replace(tmp, path)  # a reader never sees half a file
+
+
+def _write_config(config: ml_collections.ConfigDict, workdir: str, start: int) -> None:
+  """config.json = the config of the latest start; configs/<step>.json keeps each one."""
+  os.makedirs(os.path.join(workdir, "configs"), exist_ok=True)
+  text = config.to_json_best_effort(indent=2)
+  for path in (os.path.join(workdir, "configs", f"{start}.json"),
+               os.path.join(workdir, "config.json")):
+    with open(f"{path}.tmp", "w") as f:
+      f.write(text)
+    os.replace(f"{path}.tmp", path)
+
+
+def _final_keys(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+  return ("top1_error",) + (("ten_crop_top1_error",) if config.eval_ten_crop else ())
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       run: setup.RunSetup | None = None,
+                       allow_config_changes: bool = False) -> dict[str, float]:
+  """Trains (resuming from workdir), evaluates; returns the final evaluation.
+
+  run: `setup.build(config, workdir)` if the caller has it. allow_config_changes: resume
+  even where the config changes the run's meaning (see `Checkpointer.check_compatible`).
+  A stopped run returns
+  {"stopped_at_step": step}. Rerunning a finished run changes nothing and returns its
+  final metrics.
+  """
+  run = run or setup.build(config, workdir, mode="train")
+  is_lead = jax.process_index() == 0
+  ckpt = checkpoint_lib.Checkpointer(workdir, keep=config.keep_checkpoints)
+  try:
+    if ckpt.latest_step() is not None:
+      ckpt.check_compatible(config)  # before anything in workdir is written
+      state = ckpt.restore(run.layout.abstract)
+      logging.info("Resumed from %s at step %d.", ckpt.directory, int(state.step))
+    else:
+      state = steps.create_train_state(config, run.layout)
+    start = int(jax.device_get(state.step))
+    final_path = os.path.join(workdir, FINAL_METRICS)
+    if start >= run.num_train_steps and os.path.exists(final_path):
+      with open(final_path) as f:
+        final = json.load(f)
+      if final.get("step") == start and all(k in final for k in _final_keys(config)):
+        logging.info("Run already finished at step %d: %s unchanged.", start, final_path)
+        return final
+    setup.record(run, workdir)
+    if is_lead:
+      _write_config(config, workdir, start)
+    writer = metric_writers.create_default_writer(workdir, just_logging=not is_lead,
+                                                  asynchronous=True)
+    with metric_writers.ensure_flushes(writer):
+      if start == 0:
+        writer.write_hparams({k: str(v) if isinstance(v, (tuple, list)) else v for k, v in
+                              traverse_util.flatten_dict(config.to_dict(), sep=".").items()})
+      state, result = _train(run, state, start, ckpt, writer, workdir)
+      if "stopped_at_step" in result:
+        return result
+      result = _final_evaluation(run, state, result, writer)
+    writer.close()
+    if is_lead:
+      _write_json(final_path, result)
+    return result
+  finally:
+    ckpt.close()
+
+
+def _train(run: setup.RunSetup, state, start: int, ckpt, writer, workdir: str):
+  """The loop from `start` to the last step. Returns (state, last evaluation or a stop)."""
+  config, mesh = run.config, run.mesh
+  train_step = steps.make_train_step(config, run.layout, run.schedule)
+  eval_step = steps.make_eval_step(config, run.layout)
+  bad_images = data.BadImageLog(on_bad_image=config.input.on_bad_image)
+  batches = parallel.prefetch(mesh, data.train_batches(
+      config, start_step=start, bad_images=bad_images, **run.batch_args()),
+      config.input.prefetch)
+
+  logging.info("Training %s steps (%.2f epochs of %d steps) on a %s mesh from step %d.",
+               run.num_train_steps, run.num_train_steps / run.steps_per_epoch,
+               run.steps_per_epoch, dict(mesh.shape), start)
+  hooks = [periodic_actions.ReportProgress(num_train_steps=run.num_train_steps,
+                                           every_steps=config.log_every_steps)]
+  if config.profile_steps and jax.process_index() == 0:
+    first, last = config.profile_steps
+    hooks.append(periodic_actions.Profile(
+        logdir=os.path.join(workdir, "profile"), first_profile=first,
+        num_profile_steps=last - first, profile_duration_ms=None, every_secs=None))
+  pending: list[tuple[int, Any]] = []  # (step, device metrics) not yet read back
+  window = {"start": time.perf_counter(), "wait": 0.0, "steps": 0}
+  result: dict[str, Any] = {}
+
+  def flush_metrics(step: int) -> None:
+    """Reads back pending metrics; raises on a non-finite step (before any save)."""
+    if not pending:
+      return
+    host = jax.device_get([m for _, m in pending])
+    for (s, _), m in zip(pending, host, strict=True):
+      if config.halt_on_nonfinite and not m["finite"]:
+        finite = ckpt.latest_step()
+        where = (f"the last finite checkpoint (step {finite}) in {ckpt.directory} is kept"
+                 if finite is not None else "no checkpoint was saved yet")
+        raise NonFiniteLossError(
+            f"loss {m['loss']}, parameter norm {m['param_norm']} at step {s + 1}: not "
+            f"finite; stopped; {where}. Lower optim.learning_rate or check the data, then "
+            "rerun to resume.")
+    pending.clear()
+    elapsed = time.perf_counter() - window["start"]
+    summary = {f"train/{k}": float(np.mean([m[k] for m in host])) for k in host[0]
+               if k != "finite"}
+    summary["train/steps_per_second"] = window["steps"] / elapsed
+    summary["train/images_per_second"] = window["steps"] * config.batch_size / elapsed
+    summary["train/data_wait_fraction"] = window["wait"] / elapsed
+    summary["train/bad_images"] = bad_images.count
+    writer.write_scalars(step, summary)
+    logging.info("step %d/%d  loss %.4f  top-1 err %.3f  lr %.2g  %.1f img/s  data wait %.0f%%",
+                 step, run.num_train_steps, summary["train/loss"],
+                 summary["train/top1_error"], summary["train/learning_rate"],
+                 summary["train/images_per_second"], 100 * summary["train/data_wait_fraction"])
+    window.update(start=time.perf_counter(), wait=0.0, steps=0)
+
+  with _StopRequest() as stop:
+    step = start
+    while step < run.num_train_steps:
+      t0 = time.perf_counter()
+      batch = next(batches)
+      window["wait"] += time.perf_counter() - t0
+      state, metrics = train_step(state, batch, steps.step_rng(state))
+      step += 1
+      window["steps"] += 1
+      pending.append((step - 1, metrics))
+      for hook in hooks:
+        hook(step)
+
+      last = step == run.num_train_steps
+      if step % config.log_every_steps == 0 or last:
+        flush_metrics(step)
+      eval_metrics = None
+      if step % config.eval_every_steps == 0 or last:
+        flush_metrics(step)
+        with hooks[0].timed("eval", wait_jax_async_dispatch=False):
+          eval_metrics = evaluate.evaluate(run, state, eval_step, ten_crop=False,
+                                           bad_images=bad_images)
+        writer.write_scalars(step, {f"eval/{k}": v for k, v in eval_metrics.items()})
+        logging.info("eval at step %d: top-1 error %.4f, top-5 error %.4f (%d images)", step,
+                     eval_metrics["top1_error"], eval_metrics["top5_error"],
+                     eval_metrics["num_examples"])
+        state = state.replace(plateau=optim.plateau_update(
+            config, state.plateau, eval_metrics["top1_error"]))
+        result = eval_metrics
+      stopping = stop.requested(step)
+      if step % config.checkpoint_every_steps == 0 or eval_metrics or last or stopping:
+        flush_metrics(step)
+        ckpt.save(state, config,
+                  eval_metrics={checkpoint_lib.BEST_METRIC: eval_metrics["top1_error"]}
+                  if eval_metrics else None)
+      if stopping and not last:
+        ckpt.wait()
+        logging.warning("%s received: saved step %d to %s. Resume with the same command "
+                        "(same --workdir and --config).", stop.signal_name, step, ckpt.directory)
+        return state, {"stopped_at_step": step}
+  if bad_images.count:
+    logging.warning("%s", bad_images.summary())
+  return state, {"step": step, **result}
+
+
+def _final_evaluation(run: setup.RunSetup, state, result: dict[str, Any], writer):
+  """Completes the final metrics: centre crop (if the loop did not just compute it, e.g.
+  a rerun after a stop during the last evaluation) and ten crops."""
+  config = run.config
+  step = int(jax.device_get(state.step))
+  eval_step = steps.make_eval_step(config, run.layout)
+  if "top1_error" not in result:
+    result = {"step": step, **evaluate.evaluate(run, state, eval_step, ten_crop=False)}
+  if config.eval_ten_crop:
+    ten = evaluate.evaluate(run, state, eval_step, ten_crop=True)
+    writer.write_scalars(step, {f"eval_ten_crop/{k}": v for k, v in ten.items()})
+    logging.info("ten-crop eval at step %d: top-1 error %.4f, top-5 error %.4f", step,
+                 ten["top1_error"], ten["top5_error"])
+    result = {**result, **{f"ten_crop_{k}": v for k, v in ten.items()}}
+  return result
