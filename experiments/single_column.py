@@ -24,6 +24,7 @@ def get_config(variant: str = ""):
   m.conv_features = (64, 192, 384, 256, 256)
   m.conv1_padding = (2, 2)
   m.lrn.enabled = False
+  m.dropout_style = "inverted"  # torchvision's (the paper preset scales at test time)
   c.mesh.model = 1
   c.optim.schedule = "piecewise"
   c.optim.boundaries_epochs = (30.0, 60.0)
