@@ -9,7 +9,20 @@ an error. Multi-process: --coordinator_address=HOST:PORT --num_processes=N
 """
 
 import os
+import signal
 import sys
+
+
+def _stopped_before_start(signum, frame):
+  del frame
+  print(f"stopped by {signal.Signals(signum).name} before it started; nothing was written",
+        file=sys.stderr)
+  os._exit(128 + signum)  # mid-import: no clean-up worth a traceback
+
+
+# Until cli.main takes them over, a signal ends the program in one line.
+for _sig in (signal.SIGTERM, signal.SIGINT):
+  signal.signal(_sig, _stopped_before_start)
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")

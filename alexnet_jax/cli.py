@@ -136,10 +136,9 @@ def run(mode: str, config: ml_collections.ConfigDict, workdir: str | None, *,
     print(f"error: {err}", file=sys.stderr)
     return 2
   except Stopped as stop:
-    if mode == "train":  # as a stop inside the loop: resumable, so not a failure
-      print(f"stopped by {stop}; the checkpoints in {workdir} are intact: rerun the same "
-            "command to continue", file=sys.stderr)
-      return 0
-    print(f"stopped by {stop}", file=sys.stderr)
+    # Outside the training loop (which saves and exits 0): nothing to save beyond the
+    # checkpoints already written; the conventional status says the command was stopped.
+    kept = f"; the checkpoints in {workdir} are intact" if mode == "train" else ""
+    print(f"stopped by {stop}{kept}: rerun the same command to continue", file=sys.stderr)
     return 128 + stop.signum
   return 0

@@ -135,6 +135,9 @@ def check_loop(config: ml_collections.ConfigDict) -> None:
            "set num_epochs > 0 or num_train_steps > 0")
   _require(len(config.profile_steps) in (0, 2), "profile_steps",
            "give () or (first_step, last_step)")
+  _require(config.on_nonfinite in ("halt", "rollback"), "on_nonfinite",
+           f"must be 'halt' or 'rollback', got {config.on_nonfinite!r}")
+  _positive(config, "nonfinite_max_rollbacks", allow_zero=True)
 
 
 def _choice(value, field: str, choices: tuple[str, ...]) -> None:

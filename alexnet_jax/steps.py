@@ -34,11 +34,14 @@ TOWER_SPEC = P(MODEL)  # leading tower axis split over the model axis
 
 @flax.struct.dataclass
 class TrainState:
-  step: jax.Array  # int32 []: optimizer steps taken = the data stream's position
+  step: jax.Array  # int32 []: optimizer steps taken
   params: model_lib.Params  # every leaf [towers, ...]
   opt_state: optax.OptState
   plateau: Any  # optax reduce_on_plateau state; scalars
   rng: jax.Array  # uint32 [2]: key data of the run's base key (dropout)
+  # int32 []: batches skipped by non-finite rollbacks (`on_nonfinite="rollback"`); the
+  # data stream's position is step + data_skip (= step in a run without rollbacks).
+  data_skip: jax.Array
 
 
 def state_specs(state: TrainState, optimizer: optax.GradientTransformation) -> TrainState:
@@ -49,7 +52,7 @@ def state_specs(state: TrainState, optimizer: optax.GradientTransformation) -> T
       opt_state=optax.tree_map_params(optimizer, lambda _: TOWER_SPEC, state.opt_state,
                                       transform_non_params=lambda _: P()),
       plateau=jax.tree.map(lambda _: P(), state.plateau),
-      rng=P())
+      rng=P(), data_skip=P())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,7 +95,7 @@ def init_state(config: ml_collections.ConfigDict,
   return TrainState(
       step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
       plateau=optim.make_plateau(config).init(None),
-      rng=jax.random.key_data(jax.random.fold_in(key, 1)))
+      rng=jax.random.key_data(jax.random.fold_in(key, 1)), data_skip=jnp.zeros((), jnp.int32))
 
 
 def create_train_state(config: ml_collections.ConfigDict, layout: StateLayout) -> TrainState:
@@ -205,6 +208,11 @@ def make_train_step(config: ml_collections.ConfigDict, layout: StateLayout,
   return jax.jit(train_step, donate_argnums=0,
                  in_shardings=(shardings, NamedSharding(mesh, P(DATA)), None),
                  out_shardings=(shardings, NamedSharding(mesh, P())))
+
+
+def data_position(state: TrainState) -> int:
+  """Where the state's data stream continues: global batches consumed, skipped included."""
+  return int(jax.device_get(state.step)) + int(jax.device_get(state.data_skip))
 
 
 def step_rng(state: TrainState) -> jax.Array:

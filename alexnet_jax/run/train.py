@@ -41,6 +41,10 @@ FINAL_METRICS = "final_metrics.json"
 class NonFiniteLossError(FloatingPointError):
   """The loss or the state became NaN or Inf; the last finite checkpoint is kept."""
 
+  def __init__(self, message: str, step: int):
+    super().__init__(message)
+    self.step = step  # the first step whose result was not finite
+
 
 class _StopRequest:
   """Turns SIGTERM / SIGINT into a stop that every process takes at the same step.
@@ -154,20 +158,29 @@ def _train(run: setup.RunSetup, state, start: int, ckpt, writer, workdir: str):
   train_step = steps.make_train_step(config, run.layout, run.schedule)
   eval_step = steps.make_eval_step(config, run.layout)
   bad_images = data.BadImageLog(on_bad_image=config.input.on_bad_image)
-  batches = parallel.prefetch(mesh, data.train_batches(
-      config, start_step=start, bad_images=bad_images, **run.batch_args()),
-      config.input.prefetch)
 
+  def stream(state):
+    return parallel.prefetch(mesh, data.train_batches(
+        config, start_step=steps.data_position(state), bad_images=bad_images,
+        **run.batch_args()), config.input.prefetch)
+
+  batches = stream(state)
+  rollbacks = 0
   logging.info("Training %s steps (%.2f epochs of %d steps) on a %s mesh from step %d.",
                run.num_train_steps, run.num_train_steps / run.steps_per_epoch,
                run.steps_per_epoch, dict(mesh.shape), start)
-  hooks = [periodic_actions.ReportProgress(num_train_steps=run.num_train_steps,
-                                           every_steps=config.log_every_steps)]
-  if config.profile_steps and jax.process_index() == 0:
-    first, last = config.profile_steps
-    hooks.append(periodic_actions.Profile(
-        logdir=os.path.join(workdir, "profile"), first_profile=first,
-        num_profile_steps=last - first, profile_duration_ms=None, every_secs=None))
+
+  def make_hooks():  # clu's actions count steps forward: new ones after a rollback
+    hooks = [periodic_actions.ReportProgress(num_train_steps=run.num_train_steps,
+                                             every_steps=config.log_every_steps)]
+    if config.profile_steps and jax.process_index() == 0:
+      first, last = config.profile_steps
+      hooks.append(periodic_actions.Profile(
+          logdir=os.path.join(workdir, "profile"), first_profile=first,
+          num_profile_steps=last - first, profile_duration_ms=None, every_secs=None))
+    return hooks
+
+  hooks = make_hooks()
   pending: list[tuple[int, Any]] = []  # (step, device metrics) not yet read back
   window = {"start": time.perf_counter(), "wait": 0.0, "steps": 0}
   result: dict[str, Any] = {}
@@ -178,14 +191,16 @@ def _train(run: setup.RunSetup, state, start: int, ckpt, writer, workdir: str):
       return
     host = jax.device_get([m for _, m in pending])
     for (s, _), m in zip(pending, host, strict=True):
-      if config.halt_on_nonfinite and not m["finite"]:
+      if not m["finite"]:
+        pending.clear()
+        ckpt.wait()  # the newest save is finite: only finite states are saved
         finite = ckpt.latest_step()
         where = (f"the last finite checkpoint (step {finite}) in {ckpt.directory} is kept"
                  if finite is not None else "no checkpoint was saved yet")
         raise NonFiniteLossError(
             f"loss {m['loss']}, parameter norm {m['param_norm']} at step {s + 1}: not "
-            f"finite; stopped; {where}. Lower optim.learning_rate or check the data, then "
-            "rerun to resume.")
+            f"finite; {where}. Lower optim.learning_rate or check the data, then rerun to "
+            "resume (or set on_nonfinite='rollback' to skip such batches).", s + 1)
     pending.clear()
     elapsed = time.perf_counter() - window["start"]
     summary = {f"train/{k}": float(np.mean([m[k] for m in host])) for k in host[0]
@@ -204,43 +219,68 @@ def _train(run: setup.RunSetup, state, start: int, ckpt, writer, workdir: str):
   with _StopRequest() as stop:
     step = start
     while step < run.num_train_steps:
-      t0 = time.perf_counter()
-      batch = next(batches)
-      window["wait"] += time.perf_counter() - t0
-      state, metrics = train_step(state, batch, steps.step_rng(state))
-      step += 1
-      window["steps"] += 1
-      pending.append((step - 1, metrics))
-      for hook in hooks:
-        hook(step)
+      try:
+        t0 = time.perf_counter()
+        batch = next(batches)
+        window["wait"] += time.perf_counter() - t0
+        state, metrics = train_step(state, batch, steps.step_rng(state))
+        step += 1
+        window["steps"] += 1
+        pending.append((step - 1, metrics))
+        for hook in hooks:
+          hook(step)
 
-      last = step == run.num_train_steps
-      if step % config.log_every_steps == 0 or last:
-        flush_metrics(step)
-      eval_metrics = None
-      if step % config.eval_every_steps == 0 or last:
-        flush_metrics(step)
-        with hooks[0].timed("eval", wait_jax_async_dispatch=False):
-          eval_metrics = evaluate.evaluate(run, state, eval_step, ten_crop=False,
-                                           bad_images=bad_images)
-        writer.write_scalars(step, {f"eval/{k}": v for k, v in eval_metrics.items()})
-        logging.info("eval at step %d: top-1 error %.4f, top-5 error %.4f (%d images)", step,
-                     eval_metrics["top1_error"], eval_metrics["top5_error"],
-                     eval_metrics["num_examples"])
-        state = state.replace(plateau=optim.plateau_update(
-            config, state.plateau, eval_metrics["top1_error"]))
-        result = eval_metrics
-      stopping = stop.requested(step)
-      if step % config.checkpoint_every_steps == 0 or eval_metrics or last or stopping:
-        flush_metrics(step)
-        ckpt.save(state, config,
-                  eval_metrics={checkpoint_lib.BEST_METRIC: eval_metrics["top1_error"]}
-                  if eval_metrics else None)
-      if stopping and not last:
-        ckpt.wait()
-        logging.warning("%s received: saved step %d to %s. Resume with the same command "
-                        "(same --workdir and --config).", stop.signal_name, step, ckpt.directory)
-        return state, {"stopped_at_step": step}
+        last = step == run.num_train_steps
+        if step % config.log_every_steps == 0 or last:
+          flush_metrics(step)
+        eval_metrics = None
+        if step % config.eval_every_steps == 0 or last:
+          flush_metrics(step)
+          with hooks[0].timed("eval", wait_jax_async_dispatch=False):
+            eval_metrics = evaluate.evaluate(run, state, eval_step, ten_crop=False,
+                                             bad_images=bad_images)
+          writer.write_scalars(step, {f"eval/{k}": v for k, v in eval_metrics.items()})
+          logging.info("eval at step %d: top-1 error %.4f, top-5 error %.4f (%d images)", step,
+                       eval_metrics["top1_error"], eval_metrics["top5_error"],
+                       eval_metrics["num_examples"])
+          state = state.replace(plateau=optim.plateau_update(
+              config, state.plateau, eval_metrics["top1_error"]))
+          result = eval_metrics
+        stopping = stop.requested(step)
+        if step % config.checkpoint_every_steps == 0 or eval_metrics or last or stopping:
+          flush_metrics(step)
+          ckpt.save(state, config,
+                    eval_metrics={checkpoint_lib.BEST_METRIC: eval_metrics["top1_error"]}
+                    if eval_metrics else None)
+        if stopping and not last:
+          ckpt.wait()
+          logging.warning("%s received: saved step %d to %s. Resume with the same command "
+                          "(same --workdir and --config).", stop.signal_name, step,
+                          ckpt.directory)
+          return state, {"stopped_at_step": step}
+      except NonFiniteLossError as err:
+        restored = ckpt.latest_step()
+        if (config.on_nonfinite != "rollback" or restored is None
+            or rollbacks >= config.nonfinite_max_rollbacks):
+          if config.on_nonfinite == "rollback":
+            err.args = (f"{err.args[0]} Gave up after {rollbacks} rollbacks "
+                        f"(nonfinite_max_rollbacks={config.nonfinite_max_rollbacks}).",)
+          raise
+        # Back to the newest (finite) checkpoint, past the batches that led to the bad
+        # step: the stream continues where the failed attempt stopped reading.
+        rollbacks += 1
+        skipped = err.step - restored  # this attempt's batches since the checkpoint
+        skip = int(jax.device_get(state.data_skip)) + skipped
+        state = ckpt.restore(run.layout.abstract, restored)
+        state = state.replace(data_skip=jax.device_put(np.int32(skip),
+                                                       state.data_skip.sharding))
+        step = restored
+        batches = stream(state)
+        hooks = make_hooks()
+        logging.warning("non-finite result at step %d: rolled back to step %d and skipped its "
+                        "%d batches (rollback %d of at most %d; data position now %d).", err.step,
+                        restored, skipped, rollbacks, config.nonfinite_max_rollbacks,
+                        steps.data_position(state))
   if bad_images.count:
     logging.warning("%s", bad_images.summary())
   return state, {"step": step, **result}
