@@ -9,15 +9,21 @@ let alone decodes, the examples it skips.
 - image folder / demo: `ROOT/<split>/<class>/*.{jpg,jpeg,png}`, class index = position of
   the class folder in sorted order (for the 1000 ILSVRC wnids this is TFDS imagenet2012's
   label order). Files are read with `tf.io.read_file`, in parallel, in-graph.
-- TFDS: the prepared shards are read record by record. array_record shards (built with
-  `--file_format=array_record`) have random access built in; TFRecord shards (TFDS's
-  default) get an offset index made once by scanning the record headers (no payload is
-  parsed; seconds for ImageNet) and cached under `dataset.cache_dir`. Records are
-  fetched by a `tf.py_function` (file reads release the GIL, so parallel calls overlap)
-  and parsed in-graph as the tf.train.Example TFDS wrote. The example index is the
-  position in the concatenation of the split's shards in file order (TFDS's own read
-  order without shuffle_files). A dataset whose builder code is not importable here
-  (prepared elsewhere from a custom builder) is opened from its files alone.
+- TFDS: the prepared shards are read record by record, and parsed in-graph as the
+  tf.train.Example TFDS wrote. The example index is the position in the concatenation of
+  the split's shards in file order (TFDS's own read order without shuffle_files).
+  TFRecord shards (TFDS's default; what the prepare command writes): TF's own TFRecord
+  reader, in-graph, with no Python per record: each read is a one-record
+  `TFRecordDatasetV2` started at the record's byte offset (length and data CRCs checked).
+  The offsets come from a scan of the record headers made once (no payload is read;
+  seconds for ImageNet) and cached under `dataset.cache_dir`.
+  array_record shards (`--file_format=array_record`): array_record's C++ reader, which
+  releases the GIL while it reads and decompresses, called through one
+  `tf.numpy_function` per record. That call holds the GIL for its Python part, so on a
+  many-core host TFRecord is the format that scales (benchmarks/input_pipeline.py
+  measures both).
+  A dataset whose builder code is not importable here (prepared elsewhere from a custom
+  builder) is opened from its files alone.
 
 Nothing here ever triggers a TFDS download: preparedness is checked from files on disk,
 and the error for an unprepared dataset gives the `alexnet_jax.data.prepare` command.
@@ -32,7 +38,6 @@ import json
 import os
 import shlex
 import struct
-import threading
 from collections.abc import Callable
 
 import numpy as np
@@ -46,7 +51,7 @@ IMAGENET_TARS = ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar")
 # Record formats with a reader below; TFDS can also write riegeli and parquet.
 TFDS_FILE_FORMATS = ("tfrecord", "array_record")
 PREPARE_COMMAND = "python -m alexnet_jax.data.prepare"
-_INDEX_VERSION = 2  # 2: the cache key also holds each shard's mtime
+_INDEX_VERSION = 3  # 2: the key holds each shard's mtime; 3: record starts, no lengths
 
 
 class DatasetNotFoundError(FileNotFoundError):
@@ -264,9 +269,7 @@ class TfdsSource(Source):
     prefix = f"{self.name}/{self._splits[which]}["
 
     def load(index):
-      record = tf.py_function(lambda i: reader.read(int(i)), [index], tf.string)
-      record.set_shape([])  # py_function drops the static shape; parsing wants a scalar
-      ex = tf.io.parse_single_example(record, spec)
+      ex = tf.io.parse_single_example(reader.read(index), spec)
       parts = [prefix, tf.strings.as_string(index), "]"]
       if self._file_name_key:
         parts += [" ", ex[self._file_name_key]]
@@ -297,8 +300,9 @@ def _not_prepared_message(builder, config) -> str:
             f"the tars are in {manual}; build it")
     return (f"TFDS imagenet2012 is not prepared in {data_dir} (config.dataset.data_dir): "
             f"{step} once, offline, with\n  {command} --manual_dir={shlex.quote(manual)} "
-            f"--data_dir={shlex.quote(data_dir)}\n(--file_format=array_record also works "
-            "and needs no record index scan), or point config.dataset.name='image_folder' "
+            f"--data_dir={shlex.quote(data_dir)}\n(TFRecord, its default, is read without "
+            "Python per record; --file_format=array_record also works, at one Python call "
+            "per record), or point config.dataset.name='image_folder' "
             "and config.dataset.image_folder at an extracted ROOT/{train,val}/<wnid>/*.JPEG "
             f"tree.{found}")
   return (f"TFDS {d.name} is not prepared in {data_dir} (config.dataset.data_dir). Prepare "
@@ -323,7 +327,8 @@ class _RecordReader:
   def __len__(self) -> int:
     raise NotImplementedError
 
-  def read(self, index: int) -> bytes:
+  def read(self, index: tf.Tensor) -> tf.Tensor:
+    """int64 scalar index -> the serialized record, a string scalar; in-graph."""
     raise NotImplementedError
 
 
@@ -336,46 +341,58 @@ class _ArrayRecordReader(_RecordReader):
   def __len__(self) -> int:
     return len(self._source)
 
-  def read(self, index: int) -> bytes:
-    return self._source[index]
+  def read(self, index: tf.Tensor) -> tf.Tensor:
+    # numpy_function, not py_function: no eager tensors in and out, about a third of the
+    # CPU per record (measured; see benchmarks/input_pipeline.py). The read itself runs in
+    # array_record's C++ with the GIL released.
+    record = tf.numpy_function(lambda i: self._source[int(i)], [index], tf.string,
+                               stateful=False)
+    record.set_shape([])  # numpy_function drops the static shape; parsing wants a scalar
+    return record
 
 
 class _TfRecordReader(_RecordReader):
-  """TFRecord shards plus an (offset, length) index per record, cached as .npz."""
+  """TFRecord shards read by TF's own reader from an index of record starts (.npz cache)."""
 
   def __init__(self, paths: list[str], cache_dir: str):
-    self._paths = paths
     # A rebuilt dataset may reuse the paths (and even sizes); mtime tells it apart.
     stamp = [(os.path.realpath(p), os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in paths]
     key = hashlib.sha1(json.dumps([_INDEX_VERSION, stamp]).encode()).hexdigest()[:16]
     cache = os.path.join(cache_dir, "tfrecord_index", f"{key}.npz")
     if os.path.exists(cache):
       with np.load(cache) as z:
-        self._shard, self._offset, self._length = z["shard"], z["offset"], z["length"]
+        shard, start = z["shard"], z["start"]
     else:
-      self._shard, self._offset, self._length = _scan_tfrecords(paths)
+      shard, start = _scan_tfrecords(paths)
       os.makedirs(os.path.dirname(cache), exist_ok=True)
       tmp = f"{cache}.{os.getpid()}.tmp.npz"
-      np.savez(tmp, shard=self._shard, offset=self._offset, length=self._length)
+      np.savez(tmp, shard=shard, start=start)
       os.replace(tmp, cache)
-    self._local = threading.local()  # one open file per shard per reading thread
+    self._n = len(start)
+    # Made once, outside any trace: every read in a pipeline's functions (the first try and
+    # the substitutes) captures these same tensors instead of copying ~10 bytes a record.
+    self._paths, self._shard, self._start = (tf.constant(paths), tf.constant(shard),
+                                             tf.constant(start))
 
   def __len__(self) -> int:
-    return len(self._offset)
+    return self._n
 
-  def read(self, index: int) -> bytes:
-    files = self._local.__dict__.setdefault("files", {})
-    s = int(self._shard[index])
-    if s not in files:
-      files[s] = open(self._paths[s], "rb")  # noqa: SIM115 (kept open for the thread)
-    f = files[s]
-    f.seek(int(self._offset[index]))
-    return f.read(int(self._length[index]))
+  def read(self, index: tf.Tensor) -> tf.Tensor:
+    paths, shard, start = self._paths, self._shard, self._start
+    # One record, by TF's TFRecord reader from its byte offset: all C++, so parallel map
+    # calls never meet on the GIL. buffer_size 0: read exactly the record (its header,
+    # payload and CRC), not a 256 KB buffer around it (measured ~15% less CPU per record).
+    records = tf.raw_ops.TFRecordDatasetV2(
+        filenames=tf.gather(paths, tf.gather(shard, index)), compression_type="",
+        buffer_size=tf.constant(0, tf.int64), byte_offsets=tf.gather(start, index))
+    records = tf.data.experimental.from_variant(records, tf.TensorSpec([], tf.string))
+    return records.take(1).get_single_element()
 
 
-def _scan_tfrecords(paths: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """Record layout: uint64 length, uint32 crc, payload, uint32 crc. Reads headers only."""
-  shard, offset, length = [], [], []
+def _scan_tfrecords(paths: list[str]) -> tuple[np.ndarray, np.ndarray]:
+  """(shard int32 [n], start int64 [n]): where each record starts. Record layout: uint64
+  length, uint32 crc, payload, uint32 crc. Reads headers only."""
+  shard, start = [], []
   for s, p in enumerate(paths):
     size = os.path.getsize(p)
     with open(p, "rb") as f:
@@ -386,12 +403,11 @@ def _scan_tfrecords(paths: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarra
         n = struct.unpack("<Q", header)[0] if len(header) == 8 else -1
         if n < 0 or pos + 12 + n + 4 > size:
           # A shard cut short (interrupted copy, full disk): fail here, naming it, rather
-          # than later as an unparseable record in the middle of training.
+          # than later as an unreadable record in the middle of training.
           raise DatasetNotFoundError(
               f"TFRecord shard {p} is truncated: the record at byte {pos} does not fit in "
               f"its {size} bytes; copy or prepare the dataset again")
         shard.append(s)
-        offset.append(pos + 12)
-        length.append(n)
+        start.append(pos)
         pos += 12 + n + 4
-  return (np.array(shard, np.int32), np.array(offset, np.int64), np.array(length, np.int64))
+  return np.array(shard, np.int32), np.array(start, np.int64)
