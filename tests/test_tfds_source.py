@@ -40,8 +40,10 @@ TINY_CLASSES = ("zebra", "apple", "mango")  # unsorted: the order must come from
 TINY_PER_CLASS = {"train": 8, "validation": 3}  # 24 and 9 examples
 WNIDS = ("n01440764", "n02102040", "n02979186")  # tench, springer, cassette player
 IMAGENET_TRAIN_PER_CLASS = 4  # 12 examples
-IMAGENET_VAL = 7  # ILSVRC2012_val_00000001..7; number 4 is truncated (a bad file)
-IMAGENET_BAD = "ILSVRC2012_val_00000004.JPEG"
+# A partial validation tar as a user would cut it: real file names, not a prefix of the
+# 50,000 (TFDS alone would pair them with lines 1-7 of its label list). 4041 is truncated.
+IMAGENET_VAL = (1, 293, 1000, 4041, 12345, 27001, 50000)
+IMAGENET_BAD = "ILSVRC2012_val_00004041.JPEG"
 
 
 class AlexnetTinyTfds(tfds.core.GeneratorBasedBuilder, skip_registration=True):
@@ -173,7 +175,8 @@ def imagenet_manual_dir(root, train: dict[str, bytes], val: dict[str, bytes]) ->
 def built(tmp_path_factory):
   root = tmp_path_factory.mktemp("tfds")
   cache = root / "cache"
-  pool = photos(sum(TINY_PER_CLASS.values()) * 3 + IMAGENET_TRAIN_PER_CLASS * 3 + IMAGENET_VAL)
+  pool = photos(sum(TINY_PER_CLASS.values()) * 3 + IMAGENET_TRAIN_PER_CLASS * 3
+                + len(IMAGENET_VAL))
   out = {}
 
   # alexnet_tiny_tfds: a manual_dir tree, built by TFDS in both formats.
@@ -198,18 +201,20 @@ def built(tmp_path_factory):
         tfds_order(data_dir, TINY_NAME, "train", files["train"]),
         tfds_order(data_dir, TINY_NAME, "validation", files["validation"]))
 
-  # imagenet2012: fake tars; labels as TFDS assigns them (train: the wnid of the inner tar;
-  # validation: line k of validation_labels.txt for ILSVRC2012_val_<k>.JPEG).
+  # imagenet2012: fake tars; labels as they should be (train: the wnid of the inner tar;
+  # validation: line k of TFDS's validation_labels.txt for ILSVRC2012_val_<k>.JPEG).
   tfds_dir = os.path.join(os.path.dirname(tfds.__file__), "datasets", "imagenet2012")
   wnids = open(os.path.join(tfds_dir, "labels.txt")).read().split()
   val_wnids = open(os.path.join(tfds_dir, "validation_labels.txt")).read().split()
   assert len(wnids) == 1000 and len(val_wnids) == 50_000
   train = {f"{w}_{i}.JPEG": pool.pop() for w in WNIDS for i in range(IMAGENET_TRAIN_PER_CLASS)}
-  val = {f"ILSVRC2012_val_{k:08d}.JPEG": pool.pop() for k in range(1, IMAGENET_VAL + 1)}
+  val = {f"ILSVRC2012_val_{k:08d}.JPEG": pool.pop() for k in IMAGENET_VAL}
   val[IMAGENET_BAD] = val[IMAGENET_BAD][: len(val[IMAGENET_BAD]) // 2]
   good_val = {k: v for k, v in val.items() if k != IMAGENET_BAD}
   ilabels = {k: wnids.index(k.split("_")[0]) for k in train}
   ilabels.update({k: wnids.index(val_wnids[int(k[15:23]) - 1]) for k in val})
+  # The subset is one TFDS's own pairing (sorted names with lines 1, 2, ...) gets wrong.
+  assert sum(val_wnids[i] != val_wnids[k - 1] for i, k in enumerate(IMAGENET_VAL)) >= 5
   manual = imagenet_manual_dir(root / "imagenet_manual", train, val)
   c = make_config(cache)
   c.dataset.name = "imagenet2012"
@@ -378,6 +383,48 @@ def test_not_prepared_error_gives_the_command_that_prepares_it(built, tmp_path):
   # The prepare command refuses to build imagenet2012 without its tars.
   assert prepare.main(["imagenet2012", f"--data_dir={tmp_path / 'x'}",
                        f"--manual_dir={tmp_path}"]) == 2
+
+
+def test_a_validation_tar_without_official_names_is_refused(tmp_path, capsys):
+  # As users rename or re-export files: TFDS alone would label them by sorted position.
+  jpeg = photos(1)[0]
+  val = {"ILSVRC2012_val_00000001.JPEG": jpeg, "val_00000293.jpg": jpeg,
+         "ILSVRC2012_val_00050001.JPEG": jpeg}  # the last: no line 50,001 in the list
+  manual = imagenet_manual_dir(tmp_path / "manual", {f"{WNIDS[0]}_0.JPEG": jpeg}, val)
+  data_dir = tmp_path / "data"
+  assert prepare.main(["imagenet2012", f"--manual_dir={manual}", f"--data_dir={data_dir}"]) == 2
+  err = capsys.readouterr().err
+  for part in ("ILSVRC2012_img_val.tar", "2 of its 3 files", "'val_00000293.jpg'",
+               "'ILSVRC2012_val_00050001.JPEG'", "ILSVRC2012_val_NNNNNNNN.JPEG", "00050000"):
+    assert part in err
+  # Refused before anything was written: the train split is not built first.
+  assert not glob.glob(str(data_dir / "imagenet2012" / "*" / "*.tfrecord*"))
+  assert not glob.glob(str(data_dir / "imagenet2012" / "*" / "dataset_info.json"))
+
+
+def test_validation_labels_by_file_name_read_the_official_list():
+  lines = [f"n{i:08d}" for i in range(1, 50_001)]
+  names = ["ILSVRC2012_val_00000293.JPEG", "val/ILSVRC2012_val_00000001.JPEG"]
+  assert prepare.validation_labels_by_file_name(names, lines, "v.tar") == {
+      names[0]: "n00000293", names[1]: "n00000001"}
+  with pytest.raises(prepare.PrepareError, match="0 of its 0 files"):
+    prepare.validation_labels_by_file_name([], lines, "v.tar")  # an empty tar
+
+
+@pytest.mark.parametrize("fmt", ["tfrecord", "array_record"])
+def test_a_bad_training_record_is_substituted_and_named(built, tmp_path, fmt):
+  # The imagenet2012 validation split as training data: it holds a truncated JPEG, so the
+  # substitute loop reads records through the source's reader inside a tf.while_loop.
+  ds = built[f"imagenet2012-{fmt}"]
+  c = make_config(tmp_path, ds)
+  c.dataset.train_split, c.batch_size = "validation", ds.num_eval  # one batch: all of it
+  log = ip.BadImageLog()
+  (batch,) = take(ip.train_batches(c, bad_images=log), 1)
+  keys, labels = identify(batch, ds.eval)  # every image a good example's, with its label
+  np.testing.assert_array_equal(batch["label"], labels)
+  assert set(ds.eval_order) - set(keys) == {IMAGENET_BAD} and len(keys) == ds.num_eval
+  (path,) = log.paths
+  assert path.startswith("imagenet2012/validation[") and path.endswith(IMAGENET_BAD)
 
 
 def test_tfrecord_index_is_cached_and_a_truncated_shard_is_named(built, tmp_path):

@@ -44,13 +44,9 @@ import numpy as np
 
 from alexnet_jax.data import demo
 from alexnet_jax.data._tf import tf
+from alexnet_jax.data.prepare import IMAGENET_TARS, PREPARE_COMMAND, TFDS_FILE_FORMATS
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
-# ILSVRC-2012 files TFDS imagenet2012 needs in its manual_dir.
-IMAGENET_TARS = ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar")
-# Record formats with a reader below; TFDS can also write riegeli and parquet.
-TFDS_FILE_FORMATS = ("tfrecord", "array_record")
-PREPARE_COMMAND = "python -m alexnet_jax.data.prepare"
 _INDEX_VERSION = 3  # 2: the key holds each shard's mtime; 3: record starts, no lengths
 
 
