@@ -11,8 +11,10 @@ as written), each a config field:
 - weight std 0.03 in conv3-5;
 - no weight decay on biases and a 2x bias learning rate;
 - the logged schedule: /10 at epochs 25 and 51, stop at 91;
-- PCA jitter scaled by the eigenvalues' square roots, training images / 1.1;
-- dropout that drops at training time and halves the outputs at test time.
+- PCA jitter scaled by the eigenvalues' square roots, training images / 1.1.
+
+Dropout is the same in both (drop at training time, halve the outputs at test
+time: the paper's section 4.2, and what this code ran).
 
 Run:
 
@@ -34,7 +36,7 @@ def get_config(variant: str = ""):
   m.lrn.per_tower = True
   m.cnorm2.enabled = True
   m.init_weight_std = (0.01, 0.01, 0.03, 0.03, 0.03, 0.01, 0.01, 0.01)
-  m.dropout_style = "scale_at_test"
+  m.dropout_style = "scale_at_test"  # as alexnet.py: the 2012 code halved outputs at test time
   c.optim.bias_weight_decay = False
   c.optim.bias_lr_multiplier = 2.0
   c.optim.schedule = "piecewise"
