@@ -202,8 +202,10 @@ class Suite:
     fpi = common.PAPER_TRAIN_FLOPS_PER_IMAGE
     micro = self.args.microbatch
     out = ["### Train step (images/s; median step, best step in brackets)", "",
-           "FLOP/s use the paper's 3 x 1.45 GFLOP per image for both implementations "
-           "(XLA's cost analysis of our step counts "
+           "FLOP/s use 3 x 1.45 GFLOP per image for both implementations: our count of "
+           "the two-tower net's 724,406,816 forward multiply-accumulates (2 FLOP each), "
+           "times 3 for forward and backward (the paper gives no FLOP count; XLA's cost "
+           "analysis of our step counts "
            f"{self.results['train'][0]['flops_per_image_xla'] / 1e9:.2f} GFLOP); the "
            "fraction is of the same-dtype matmul peak above. \"ours, mb\": the same step "
            f"with `--config.microbatch_size={micro}` (the batch in passes of {micro} images, "
