@@ -21,9 +21,8 @@ from alexnet_jax import checkpoint, config_checks, data, model, parallel
 from alexnet_jax.run import evaluate, setup, train
 
 # Mistakes a user can fix: printed in one line, exit 2, no traceback.
-USER_ERRORS = (config_checks.ConfigError, data.DatasetNotFoundError,
-               checkpoint.CheckpointMismatch, train.NonFiniteLossError, data.BadImageError,
-               FileNotFoundError)
+USER_ERRORS = (config_checks.ConfigError, data.DatasetNotFoundError, *checkpoint.USER_ERRORS,
+               train.NonFiniteLossError, data.BadImageError, FileNotFoundError)
 
 
 def summary(config: ml_collections.ConfigDict) -> str:

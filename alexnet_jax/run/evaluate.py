@@ -26,7 +26,11 @@ RESOURCES = os.path.join(os.path.dirname(os.path.dirname(__file__)), "resources"
 
 def evaluate(run: setup.RunSetup, state, eval_step, *, ten_crop: bool,
              bad_images=None) -> dict[str, float]:
-  """Top-1/top-5 error and loss over the whole evaluation split."""
+  """Top-1/top-5 error and loss over the whole evaluation split.
+
+  Unusable files are skipped (named with the reason in `bad_images` and the log):
+  num_skipped says how many, so an exact evaluation is never silently inexact.
+  """
   totals = None
   for batch in data.eval_batches(run.config, ten_crop=ten_crop, bad_images=bad_images,
                                  **run.batch_args()):
@@ -34,20 +38,22 @@ def evaluate(run: setup.RunSetup, state, eval_step, *, ten_crop: bool,
     totals = sums if totals is None else jax.tree.map(lambda a, b: a + b, totals, sums)
   totals = jax.device_get(totals)
   count = float(totals["count"])
+  # Every good example is counted exactly once over all processes: the rest were skipped.
+  skipped = run.info.num_eval - int(count)
+  if count == 0:
+    raise data.BadImageError(f"none of the {skipped} evaluation images could be used; see "
+                             "the log for each file and why")
   return {"top1_error": float(totals["top1_errors"]) / count,
           "top5_error": float(totals["top5_errors"]) / count,
-          "loss": float(totals["loss"]) / count, "num_examples": int(count)}
+          "loss": float(totals["loss"]) / count, "num_examples": int(count),
+          "num_skipped": skipped}
 
 
 def restore(run: setup.RunSetup, workdir: str, step: int | None = None):
   """The checkpointed state at `step` (default latest), placed on the run's mesh."""
   ckpt = checkpoint_lib.Checkpointer(workdir, read_only=True)
-  try:
-    if ckpt.latest_step() is None:
-      raise FileNotFoundError(f"no checkpoint in {ckpt.directory}: train first with "
-                              f"--mode=train --workdir={workdir}")
-    ckpt.check_compatible(run.config, step)
-    return ckpt.restore(run.layout.abstract, step)
+  try:  # checks the network first; step None: the newest intact, finite checkpoint
+    return ckpt.restore(run.layout.abstract, step, config=run.config)
   finally:
     ckpt.close()
 
@@ -59,10 +65,13 @@ def run_eval(config: ml_collections.ConfigDict, workdir: str,
   state = restore(run, workdir, step)
   step = int(jax.device_get(state.step))
   eval_step = steps.make_eval_step(config, run.layout)
-  centre = evaluate(run, state, eval_step, ten_crop=False)
-  ten = evaluate(run, state, eval_step, ten_crop=True)
+  bad_images = data.BadImageLog(on_bad_image=config.input.on_bad_image)
+  centre = evaluate(run, state, eval_step, ten_crop=False, bad_images=bad_images)
+  ten = evaluate(run, state, eval_step, ten_crop=True, bad_images=bad_images)
   report = {
       "step": step, "split": config.dataset.eval_split, "num_examples": centre["num_examples"],
+      # This process's skipped files; num_skipped counts those of all processes.
+      "num_skipped": centre["num_skipped"], "skipped_files": bad_images.report(),
       "center_crop": {k: centre[k] for k in ("top1_error", "top5_error")},
       "ten_crop": {k: ten[k] for k in ("top1_error", "top5_error")},
   }
@@ -72,7 +81,11 @@ def run_eval(config: ml_collections.ConfigDict, workdir: str,
     with open(path, "w") as f:
       json.dump(report, f, indent=2)
     logging.info("wrote %s", path)
-  print(f"step {step}, {report['num_examples']} {report['split']} images: "
+  if centre["num_skipped"]:
+    logging.warning("evaluation skipped %d unusable images: %s", centre["num_skipped"],
+                    bad_images.summary())
+  skipped = f" ({centre['num_skipped']} skipped)" if centre["num_skipped"] else ""
+  print(f"step {step}, {report['num_examples']} {report['split']} images{skipped}: "
         f"centre crop top-1/top-5 error {centre['top1_error']:.4f}/{centre['top5_error']:.4f}, "
         f"ten crops {ten['top1_error']:.4f}/{ten['top5_error']:.4f}")
   return report
@@ -91,16 +104,25 @@ def predict(config: ml_collections.ConfigDict, workdir: str, paths: Sequence[str
 
   Needs only the workdir (checkpoint, class names, input statistics), not the dataset.
   """
-  missing = [p for p in paths if not os.path.isfile(p)]
+  # A path that names nothing is a typo; an existing file that cannot be used (unreadable,
+  # a dangling link, corrupt, too large) is skipped and named below.
+  missing = [p for p in paths if not os.path.lexists(p)]
   if missing:
     raise FileNotFoundError(f"--images: no such file: {', '.join(missing)}")
   run = setup.build(config, workdir, mode="predict")
   state = restore(run, workdir, step)
   names = readable_names(run.class_names)
-  images = data.preprocess_image_files(config, paths, stats=run.stats)
+  bad_images = data.BadImageLog(on_bad_image=config.input.on_bad_image)
+  images = data.preprocess_image_files(config, paths, stats=run.stats, bad_images=bad_images)
+  if len(bad_images.paths) == len(set(paths)):
+    raise data.BadImageError(f"no usable image in --images: {bad_images.summary()}")
   probs, _ = features_and_probabilities(run, state.params, images)
   results = []
   for path, p in zip(paths, probs, strict=True):
+    if path in bad_images.reasons:
+      results.append([])
+      print(f"{path}\n  skipped: {bad_images.reasons[path]}")
+      continue
     top = np.argsort(-p)[:top_k]
     results.append([(names[i], float(p[i])) for i in top])
     print(path)

@@ -118,8 +118,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   ckpt = checkpoint_lib.Checkpointer(workdir, keep=config.keep_checkpoints)
   try:
     if ckpt.latest_step() is not None:
-      ckpt.check_compatible(config)  # before anything in workdir is written
-      state = ckpt.restore(run.layout.abstract)
+      # The newest intact, finite step; a config that changes the run's meaning is
+      # refused before anything in workdir is written.
+      state = ckpt.restore(run.layout.abstract, config=config,
+                           allow_changes=allow_config_changes)
       logging.info("Resumed from %s at step %d.", ckpt.directory, int(state.step))
     else:
       state = steps.create_train_state(config, run.layout)
@@ -194,7 +196,7 @@ def _train(run: setup.RunSetup, state, start: int, ckpt, writer, workdir: str):
       if not m["finite"]:
         pending.clear()
         ckpt.wait()  # the newest save is finite: only finite states are saved
-        finite = ckpt.latest_step()
+        finite = ckpt.newest_finite_step()
         where = (f"the last finite checkpoint (step {finite}) in {ckpt.directory} is kept"
                  if finite is not None else "no checkpoint was saved yet")
         raise NonFiniteLossError(
@@ -249,17 +251,18 @@ def _train(run: setup.RunSetup, state, start: int, ckpt, writer, workdir: str):
         stopping = stop.requested(step)
         if step % config.checkpoint_every_steps == 0 or eval_metrics or last or stopping:
           flush_metrics(step)
-          ckpt.save(state, config,
-                    eval_metrics={checkpoint_lib.BEST_METRIC: eval_metrics["top1_error"]}
-                    if eval_metrics else None)
+          saved = ckpt.save(state, config, eval_metrics={
+              checkpoint_lib.BEST_METRIC: eval_metrics["top1_error"]} if eval_metrics else None)
         if stopping and not last:
           ckpt.wait()
-          logging.warning("%s received: saved step %d to %s. Resume with the same command "
-                          "(same --workdir and --config).", stop.signal_name, step,
-                          ckpt.directory)
+          logging.warning("%s received: %s. Resume with the same command (same --workdir "
+                          "and --config).", stop.signal_name,
+                          f"saved step {step} to {ckpt.directory}" if saved else
+                          f"step {step} was not finite and not saved; the newest finite "
+                          f"checkpoint is step {ckpt.newest_finite_step()}")
           return state, {"stopped_at_step": step}
       except NonFiniteLossError as err:
-        restored = ckpt.latest_step()
+        restored = ckpt.newest_finite_step()
         if (config.on_nonfinite != "rollback" or restored is None
             or rollbacks >= config.nonfinite_max_rollbacks):
           if config.on_nonfinite == "rollback":
