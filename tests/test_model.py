@@ -5,6 +5,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
@@ -55,8 +56,10 @@ def test_lrn_matches_the_formula(alpha_over_n):
                       alpha_over_n=alpha_over_n)
   alpha = 1e-4 / 5 if alpha_over_n else 1e-4
   np.testing.assert_allclose(np.asarray(got), _lrn_numpy(a, 2.0, 5, alpha, 0.75), rtol=1e-5)
-  # The 2012-code form is the weaker one: 5x smaller alpha.
-  assert not np.allclose(_lrn_numpy(a, 2.0, 5, 1e-4, 0.75), _lrn_numpy(a, 2.0, 5, 2e-5, 0.75))
+  # The tolerance tells the two forms apart (the 2012 code's alpha is 5x smaller): a
+  # model that ignored `alpha_over_n` would fail one of the two cases.
+  other = 1e-4 if alpha_over_n else 1e-4 / 5
+  assert not np.allclose(np.asarray(got), _lrn_numpy(a, 2.0, 5, other, 0.75), rtol=1e-5)
 
 
 def test_cnorm2_matches_the_formula():
@@ -72,12 +75,48 @@ def test_cnorm2_matches_the_formula():
   np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5)
 
 
+def _lrn_reference(x, *, k, n, alpha, beta, alpha_over_n):
+  """The paper's LRN as a sliding sum over zero-padded channels (so the window is clipped
+  at the edges), not the model's banded matmul."""
+  half, channels = n // 2, x.shape[-1]
+  squares = jnp.pad(x * x, [(0, 0)] * (x.ndim - 1) + [(half, half)])
+  window = sum(squares[..., j:j + channels] for j in range(2 * half + 1))
+  return x / (k + (alpha / n if alpha_over_n else alpha) * window) ** beta
+
+
+def _cnorm2_reference(x, *, size, k, alpha, beta, alpha_over_size):
+  """The 2012 code's cnorm2 from its formula: a size x size box sum of squares per map
+  (zero padding = the window clipped at the borders), as shifted slices."""
+  lo, hi = (size - 1) // 2, size // 2
+  h, w = x.shape[1:3]
+  squares = jnp.pad(x * x, ((0, 0), (lo, hi), (lo, hi), (0, 0)))
+  window = sum(squares[:, i:i + h, j:j + w] for i in range(size) for j in range(size))
+  return x / (k + (alpha / size ** 2 if alpha_over_size else alpha) * window) ** beta
+
+
 def _reference_forward(cfg, params, images):
   """The same net in the usual single-column layout: grouped convolutions with
   channels ordered [tower A | tower B], weights copied across. Written
-  independently of the tower loop (no exchanges, no per-tower lists)."""
+  independently of the tower loop (no exchanges, no per-tower lists) and of the
+  model's LRN, cnorm2, pooling and dropout code; the 2012 code's layer order
+  where the config asks for it."""
+  assert cfg.activation == "relu"
   towers = cfg.towers
   whole = lambda p: jnp.concatenate(list(p), axis=-1)  # noqa: E731  [T, ..., o] -> [..., T*o]
+  lrn_opts = {f: cfg.lrn[f] for f in ("k", "n", "alpha", "beta", "alpha_over_n")}
+
+  def lrn(x):
+    if not cfg.lrn.per_tower:
+      return _lrn_reference(x, **lrn_opts)
+    # Windows stop at tower boundaries.
+    return jnp.concatenate([_lrn_reference(h, **lrn_opts)
+                            for h in jnp.split(x, towers, axis=-1)], axis=-1)
+
+  def pool(x):
+    return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, cfg.pool_window,
+                                                            cfg.pool_window, 1),
+                                 (1, cfg.pool_stride, cfg.pool_stride, 1), "VALID")
+
   x = images
   for i, name in enumerate(model_lib.CONV_LAYERS):
     groups = 1 if (i == 0 or name in cfg.cross_tower) else towers
@@ -86,37 +125,72 @@ def _reference_forward(cfg, params, images):
         x, whole(params[name]["kernel"]), (cfg.conv_stride[i],) * 2, (pad, pad),
         dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=groups,
         precision="highest") + whole(params[name]["bias"])
+    use_lrn = cfg.lrn.enabled and name in cfg.lrn.layers
+    if name == "conv1" and use_lrn and cfg.lrn.before_relu_in_conv1:
+      x = jax.nn.relu(pool(lrn(x)))  # the 2012 code's layer 1: conv, LRN, pool, ReLU
+      continue
     x = jax.nn.relu(x)
-    if name in cfg.lrn.layers:
-      halves = jnp.split(x, towers, axis=-1)  # windows stop at tower boundaries
-      x = jnp.concatenate([model_lib.lrn(h, k=cfg.lrn.k, n=cfg.lrn.n, alpha=cfg.lrn.alpha,
-                                         beta=cfg.lrn.beta, alpha_over_n=cfg.lrn.alpha_over_n)
-                           for h in halves], axis=-1)
+    if use_lrn:
+      x = lrn(x)
+    if name == "conv2" and cfg.cnorm2.enabled:
+      x = _cnorm2_reference(x, **{f: cfg.cnorm2[f] for f in ("size", "k", "alpha", "beta",
+                                                             "alpha_over_size")})
     if name in model_lib.POOLED_LAYERS:
-      x = model_lib.max_pool(x, cfg.pool_window, cfg.pool_stride)
+      x = pool(x)
   x = x.reshape(x.shape[0], -1)
   for name in model_lib.FC_LAYERS:
     x = jnp.dot(x, whole(params[name]["kernel"]), precision="highest") + whole(
         params[name]["bias"])
     if name != "fc8":
       x = jax.nn.relu(x)
+      if cfg.dropout_style == "scale_at_test":  # test time: all units, times (1 - p)
+        x = x * (1.0 - cfg.dropout_rate)
   return x
+
+
+def _lively_params(model, key):
+  """Weights N(0, 2 / fan_in) and biases N(0, 1): activations keep the input's scale
+  (~60) through every layer, so LRN (alpha * sum a^2 ~ k) and cnorm2 change the
+  logits by 4-90%. With the paper's N(0, 0.01) init and unit biases, at these
+  widths they change the logits by ~1e-7: no test could see them."""
+  params = model.init(key)
+  keys = iter(jax.random.split(jax.random.fold_in(key, 1), 2 * len(params)))
+  return {name: {"kernel": jax.random.normal(next(keys), p["kernel"].shape)
+                 * np.sqrt(2 / np.prod(p["kernel"].shape[1:-1])),
+                 "bias": jax.random.normal(next(keys), p["bias"].shape)}
+          for name, p in params.items()}
 
 
 @functools.cache
 def _small_two_tower():
   config = alexnet.get_config("smoke")
   model = model_lib.AlexNet(config.model)
-  params = model.init(jax.random.key(3))
+  params = _lively_params(model, jax.random.key(3))
   images = jax.random.normal(jax.random.key(4), (4, 224, 224, 3)) * 60
   return config, model, params, images
 
 
-def test_two_towers_equal_the_grouped_convolution_formulation():
-  config, model, params, images = _small_two_tower()
+def _with_model(config, **changes):
+  config = config.copy_and_resolve_references()
+  config.model.update_from_flattened_dict(changes)
+  return config
+
+
+@pytest.mark.parametrize("make_config,changes", [
+    (lambda: alexnet.get_config("smoke"), {}),
+    # One window over both towers' channels: the extra exchange.
+    (lambda: alexnet.get_config("smoke"), {"lrn.per_tower": False}),
+    # alpha / n, LRN before ReLU in conv1, cnorm2, scale-at-test dropout, 0.03 stds.
+    (lambda: alexnet_2012_code.get_config("smoke"), {}),
+    (lambda: alexnet.get_config("smoke"), {"dropout_style": "inverted"}),
+], ids=["paper", "lrn_across_towers", "code_2012", "inverted_dropout"])
+def test_forward_equals_an_independent_grouped_convolution_formulation(make_config, changes):
+  _, _, params, images = _small_two_tower()
+  config = _with_model(make_config(), **changes)
+  model = model_lib.AlexNet(config.model)
   with jax.default_matmul_precision("highest"):
-    got = model.apply(params, images, train=False)
-  want = _reference_forward(config.model, params, images)
+    got = jax.jit(lambda p, x: model.apply(p, x, train=False))(params, images[:2])
+    want = jax.jit(functools.partial(_reference_forward, config.model))(params, images[:2])
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5,
                              atol=1e-5 * float(jnp.abs(want).max()))
 
@@ -137,16 +211,84 @@ def test_one_tower_per_device_equals_both_on_one(train):
                              atol=1e-5 * float(jnp.abs(both).max()))
 
 
-def test_dropout_masks_differ_across_examples_and_towers():
-  config, model, params, images = _small_two_tower()
-  same = jnp.repeat(images[:1], 2, axis=0)
-  _, acts = model.apply(params, same, train=True, rng=jax.random.key(0), capture=True)
-  logits_a = model.apply(params, same, train=True, rng=jax.random.key(0))
-  logits_b = model.apply(params, same, train=True, rng=jax.random.key(0))
-  np.testing.assert_array_equal(logits_a, logits_b)  # reproducible from the key
-  assert not np.allclose(logits_a[0], logits_a[1])  # same image, different masks
-  # Inverted dropout: expectation preserved, so eval logits differ from train ones.
-  assert not np.allclose(model.apply(params, same, train=False)[0], logits_a[0])
+@functools.cache
+def _dropout_probe(style):
+  """(relu(fc6), fc6 after dropout at test, after dropout at train [2 keys]) for the same
+  image four times. fc7 is made the identity on the gathered fc6 units (and fc6's bias
+  large, so every unit is active), so fc7's captured output is fc6's dropout output."""
+  config, _, params, images = _small_two_tower()
+  model = model_lib.AlexNet(_with_model(config, dropout_style=style).model)
+  towers, width = params["fc7"]["kernel"].shape[0], params["fc7"]["kernel"].shape[-1]
+  eye = jnp.eye(towers * width)
+  params = dict(params, fc6=dict(params["fc6"], bias=params["fc6"]["bias"] + 1000.0),
+                fc7={"kernel": jnp.stack([eye[:, t * width:(t + 1) * width]
+                                          for t in range(towers)]),
+                     "bias": jnp.zeros_like(params["fc7"]["bias"])})
+  same = jnp.repeat(images[:1], 4, axis=0)
+  run = jax.jit(lambda p, x, key, train: model.apply(p, x, train=train, rng=key, capture=True)[1],
+                static_argnums=3)
+  both = lambda a: np.concatenate(list(np.asarray(a)), axis=-1)  # noqa: E731  towers -> units
+  at_test = run(params, same, None, False)
+  trains = [both(run(params, same, jax.random.key(k), True)["fc7"]) for k in (0, 0, 1)]
+  return np.maximum(both(at_test["fc6"]), 0.0), both(at_test["fc7"]), trains, width
+
+
+@pytest.mark.parametrize("style", ["inverted", "scale_at_test"])
+def test_dropout_scaling_and_masks(style):
+  hidden, at_test, (train, again, other_key), width = _dropout_probe(style)
+  assert (hidden > 0).all()
+  rate = 0.5
+  kept_scale, test_scale = (1 / (1 - rate), 1.0) if style == "inverted" else (1.0, 1 - rate)
+  # Test time: inverted is the identity; the 2012 code's style multiplies by (1 - p).
+  np.testing.assert_allclose(at_test, hidden * test_scale, rtol=1e-5)
+  # Train time: every unit is either dropped or kept, scaled by 1/(1-p) or not at all.
+  kept = train != 0
+  np.testing.assert_allclose(train[kept], hidden[kept] * kept_scale, rtol=1e-5)
+  assert 0.35 < kept.mean() < 0.65  # 128 units at p = 0.5
+  np.testing.assert_array_equal(train, again)  # a function of the key
+  assert not np.array_equal(train, other_key)
+  # Independent masks: for each copy of the image, and for each tower.
+  assert len({row.tobytes() for row in kept}) == len(kept)
+  assert not np.array_equal(kept[:, :width], kept[:, width:])
+
+
+def test_bfloat16_compute_is_float32_within_bfloat16_rounding():
+  config, _, params, images = _small_two_tower()
+  # fc8 / 30: logits of order 1 (loss ~ log 10), as in training, not a saturated softmax.
+  params = dict(params, fc8=jax.tree.map(lambda x: x / 30, params["fc8"]))
+  labels = jnp.arange(4) % config.model.num_classes
+
+  def loss_and_grads(compute_dtype):
+    model = model_lib.AlexNet(_with_model(config, compute_dtype=compute_dtype).model)
+
+    def loss(p):
+      logits = model.apply(p, images, train=False)
+      return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(), logits
+
+    return jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+
+  (loss32, logits32), grads32 = loss_and_grads("float32")
+  (loss16, logits16), grads16 = loss_and_grads("bfloat16")
+  assert logits16.dtype == loss16.dtype == jnp.float32
+  # The parameters' gradients stay float32, so the optimiser state and updates do.
+  assert {g.dtype for g in jax.tree.leaves(grads16)} == {jnp.dtype(jnp.float32)}
+
+  def rel(a, b):
+    return float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
+
+  # bfloat16 keeps 8 significant bits (~0.4% per rounding); measured through the 8
+  # layers: logits 1.8%, loss 0.02%.
+  err = rel(logits16, logits32)
+  assert 2e-3 < err < 0.05, err  # the lower bound: bfloat16 really was used
+  assert float(loss16) == pytest.approx(float(loss32), rel=0.01)
+  # Gradients: fc8's sees no rounding-flipped ReLU (measured 0.7-1.5%); below it, a
+  # pre-activation within rounding of 0 switches its ReLU and re-routes its gradient
+  # (measured 20-41% per leaf on these 4 images). A wrong backward pass (a zeroed,
+  # doubled or transposed gradient) is off by 100% or more.
+  for (path, g32), g16 in zip(jax.tree_util.tree_leaves_with_path(grads32),
+                              jax.tree.leaves(grads16), strict=True):
+    bound = 0.05 if path[0].key == "fc8" else 0.6
+    assert rel(g16, g32) < bound, (jax.tree_util.keystr(path), rel(g16, g32))
 
 
 @pytest.mark.parametrize("make_config,stds,biases", [
