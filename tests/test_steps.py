@@ -8,6 +8,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from alexnet_jax import config_checks, optim, parallel, steps
+from alexnet_jax import model as model_lib
 from experiments import alexnet
 
 # (data, model, microbatch_size): every way to split a step must agree with (1, 1, 0).
@@ -103,20 +104,88 @@ def test_microbatch_that_does_not_divide_the_device_batch_is_rejected():
     parallel.make_mesh(config)
 
 
-def test_eval_step_counts_only_unmasked_examples_and_averages_ten_crops():
+def _lively(params, key):
+  """Weights N(0, 2 / fan_in), biases N(0, 1): outputs that depend on the image. (At the
+  paper's init with unit biases every image gets about the same logits, so ways of
+  combining ten crops could not be told apart.)"""
+  keys = iter(jax.random.split(key, 2 * len(params)))
+  return {name: {"kernel": jax.random.normal(next(keys), p["kernel"].shape)
+                 * np.sqrt(2 / np.prod(p["kernel"].shape[1:-1])),
+                 "bias": jax.random.normal(next(keys), p["bias"].shape)}
+          for name, p in params.items()}
+
+
+def test_eval_step_counts_only_unmasked_examples_and_averages_ten_crops_softmaxes():
   *_, state, mesh = _run(4, 2)
   config = _config(4, 2)
-  eval_step = steps.make_eval_step(config, steps.state_layout(config, mesh))
+  layout = steps.state_layout(config, mesh)
+  params = _lively(jax.device_get(state.params), jax.random.key(9))
+  state = state.replace(params=jax.device_put(params, layout.shardings.params))
+  eval_step = steps.make_eval_step(config, layout)
   rng = np.random.default_rng(5)
-  images = rng.normal(0, 50, (8, 224, 224, 3)).astype(np.float32)
+  crops = rng.normal(0, 50, (8, 10, 224, 224, 3)).astype(np.float32)  # ten different crops
   labels = rng.integers(0, 10, 8).astype(np.int32)
   mask = np.array([True] * 5 + [False] * 3)
-  sums = jax.device_get(eval_step(state, parallel.global_batch(
-      mesh, {"image": images, "label": labels, "mask": mask})))
-  assert sums["count"] == 5
-  # Ten identical crops score exactly like the centre crop.
-  tens = np.repeat(images[:, None], 10, axis=1)
-  sums10 = jax.device_get(eval_step(state, parallel.global_batch(
-      mesh, {"image": tens, "label": labels, "mask": mask})))
-  for key in sums:
-    np.testing.assert_allclose(sums10[key], sums[key], rtol=1e-5)
+  got = jax.device_get(eval_step(state, parallel.global_batch(
+      mesh, {"image": crops, "label": labels, "mask": mask})))
+  assert got["count"] == 5
+
+  # The paper's rule from the model's logits, crop by crop, on one device.
+  model = model_lib.AlexNet(config.model)
+  logits = np.asarray(jax.jit(lambda p, x: model.apply(p, x, train=False))(
+      params, crops.reshape(80, 224, 224, 3))).reshape(8, 10, -1).astype(np.float64)
+
+  def sums(probs):
+    label_prob = probs[np.arange(8), labels]
+    rank = (probs > label_prob[:, None]).sum(-1)  # classes scored above the label
+    return {"loss": -np.log(label_prob)[mask].sum(), "top1_errors": (rank >= 1)[mask].sum(),
+            "top5_errors": (rank >= 5)[mask].sum()}
+
+  softmax = lambda z: np.exp(z - z.max(-1, keepdims=True)) / np.exp(  # noqa: E731
+      z - z.max(-1, keepdims=True)).sum(-1, keepdims=True)
+  want = sums(softmax(logits).mean(axis=1))
+  assert got["loss"] == pytest.approx(want["loss"], rel=1e-4)
+  assert (got["top1_errors"], got["top5_errors"]) == (want["top1_errors"], want["top5_errors"])
+  # The alternatives give other numbers: mean of the logits, or the first crop alone.
+  for other in (sums(softmax(logits.mean(axis=1))), sums(softmax(logits[:, 0]))):
+    assert abs(other["loss"] - want["loss"]) > 0.01 * want["loss"]
+
+  centre = jax.device_get(eval_step(state, parallel.global_batch(
+      mesh, {"image": crops[:, 0], "label": labels, "mask": mask})))
+  assert centre["count"] == 5
+  assert centre["loss"] == pytest.approx(sums(softmax(logits[:, 0]))["loss"], rel=1e-4)
+
+
+def test_plateau_lowers_the_train_steps_learning_rate():
+  *_, train_step, _, mesh = _run(1, 1)  # its compiled step
+  config = _config(1, 1)
+  o = config.optim
+  assert o.schedule == "plateau" and o.plateau_patience == 2
+  state = steps.create_train_state(config, steps.state_layout(config, mesh))
+  batch = parallel.global_batch(mesh, _batches(1)[0])
+  rates = []
+  # As the loop does: one evaluation, then steps. 0.6 improves on nothing yet; two
+  # evaluations without improvement (the patience) divide the rate by 10.
+  for error in (0.6, 0.6, 0.6, 0.6, 0.5):
+    state = state.replace(plateau=optim.plateau_update(config, state.plateau, error))
+    state, metrics = train_step(state, batch, steps.step_rng(state))
+    rates.append(float(metrics["learning_rate"]))
+  lr = o.learning_rate
+  assert rates == pytest.approx([lr, lr, lr * o.decay_factor, lr * o.decay_factor,
+                                 lr * o.decay_factor])
+  assert train_step._cache_size() == 1  # the plateau state is data, not a recompile
+
+
+def test_bfloat16_step_keeps_float32_parameters_and_optimizer_state():
+  config = _config(1, 1)
+  config.model.compute_dtype = "bfloat16"
+  mesh = parallel.make_mesh(config)
+  layout = steps.state_layout(config, mesh)
+  train_step = steps.make_train_step(config, layout, optim.make_schedule(config, 100))
+  batch = {"image": jax.ShapeDtypeStruct((16, 224, 224, 3), np.float32),
+           "label": jax.ShapeDtypeStruct((16,), np.int32)}
+  new_state, metrics = jax.eval_shape(train_step, layout.abstract, batch, jax.random.key(0))
+  assert {x.dtype for x in jax.tree.leaves(new_state.params)} == {np.dtype(np.float32)}
+  moments = [x for x in jax.tree.leaves(new_state.opt_state) if x.ndim > 0]
+  assert moments and {x.dtype for x in moments} == {np.dtype(np.float32)}
+  assert metrics["loss"].dtype == np.float32
