@@ -19,7 +19,8 @@ LAYERS = {
              "alexnet_jax.config_checks", "alexnet_jax.config_files", "alexnet_jax.data"),
     "run setup": ("alexnet_jax.run.setup",),
     "run": ("alexnet_jax.run.train", "alexnet_jax.run.evaluate"),
-    "tools": ("alexnet_jax.tools", "alexnet_jax.data.prepare", "alexnet_jax.data.holdout"),
+    # data.prepare (the TFDS build command) is data's own: sources share its names.
+    "tools": ("alexnet_jax.tools", "alexnet_jax.data.holdout"),
     "entry": ("alexnet_jax.cli",),
 }
 ORDER = list(LAYERS)
@@ -31,7 +32,7 @@ def _module_name(path: pathlib.Path) -> str:
 
 
 def _layer(module: str) -> str:
-  """The layer of the longest prefix that names `module` (data.prepare is a tool)."""
+  """The layer of the longest prefix that names `module` (data.holdout is a tool)."""
   best, layer = "", None
   for name, prefixes in LAYERS.items():
     for prefix in prefixes:
