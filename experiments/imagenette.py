@@ -1,0 +1,63 @@
+r"""The paper's network and recipe on real photos (imagenette, 10 classes) on a 2-core CPU.
+
+What it is: `experiments/alexnet.py` (the paper as written: two towers, paper LRN,
+overlapping pooling, dropout 0.5, crops + flips + PCA jitter, ten-crop evaluation, SGD
+with momentum 0.9, weight decay 0.0005, lr 0.01, batch 128), fitted to 10 classes and a
+60-minute CPU budget. Deviations from the paper, each measured on this data
+(experiments/results/fidelity/README.md has the numbers and commands):
+
+- init: conv3-5 weight std 0.03 instead of 0.01 (the released 2012 code's value).
+  With the paper's 0.01 and its unit biases the image is gone from the signal by fc6
+  (input-dependent share of the pre-activations at init: conv4 1.1%, conv5 0.16%, fc6
+  0.07%; with 0.03: 14%, 10%, 4.7%) and training sits at ln 10 (alexnet.py: loss 2.303
+  at step 170 in issue 13).
+- dropout: "scale_at_test" (drop at training time, multiply by 0.5 at test time), which
+  is the paper's own wording; alexnet.py uses the equivalent-in-expectation inverted
+  form, which doubles fc7's and fc8's inputs during training. With std 0.03 that makes
+  the first steps blow up at lr 0.01 (loss 4.1 -> 45 at step 4, then stuck at 2.303 from
+  step ~12 to 75, measured), while scale_at_test learns (loss 2.10 by step 40).
+- schedule: the paper's "divide by 10 on a validation plateau" cannot act in 8 epochs;
+  lr 0.01 constant, divided by 10 for the last 1.5 epochs.
+- data: the imagenette training folder with 10% of each class held out as validation
+  (sorted names; made by alexnet_jax.data.holdout); dataset statistics (mean image,
+  PCA) computed from its training part; the square cache (the paper's pre-downsampled
+  256x256 images).
+
+Run (make the split once, seconds):
+
+  python -m alexnet_jax.data.holdout /work/shared/data/imagenette/train /tmp/imagenette_split
+  python main.py --workdir=runs/imagenette --config=experiments/imagenette.py
+
+Expected: 8 epochs (528 steps of 128) take ~60 min on 2 idle cores at the measured
+~20 images/s; the loss leaves ln 10 within ~40 steps. Ten-crop top-1 error on the
+953 held-out images: goal <= 35%; what the runs reached is in
+experiments/results/fidelity/README.md (the shared machine did not allow the full
+60 minutes there; the README gives the steps reached and the projection).
+"""
+
+from experiments import alexnet
+
+
+def get_config(variant: str = ""):
+  c = alexnet.get_config()
+  c.dataset.name = "image_folder"
+  c.dataset.image_folder = "/tmp/imagenette_split"
+  m = c.model
+  m.num_classes = 10
+  m.init_weight_std = (0.01, 0.01, 0.03, 0.03, 0.03, 0.01, 0.01, 0.01)
+  m.dropout_style = "scale_at_test"
+  c.input.square_cache = True
+  c.microbatch_size = 32  # same gradient as one pass of 128; ~1.5x faster on CPU
+  c.optim.schedule = "piecewise"
+  c.optim.boundaries_epochs = (6.5,)
+  c.num_epochs = 8.0  # 66 steps of 128 per epoch (8,516 training images)
+  c.eval_every_steps = 66  # about once an epoch, centre crop; ten crops at the end
+  c.eval_batch_size = 128
+  c.checkpoint_every_steps = 66
+  c.log_every_steps = 10
+  c.figures.max_train_images = 500
+  if variant == "smoke":
+    alexnet.apply_smoke(c)
+  elif variant:
+    raise ValueError(f"unknown variant {variant!r}; try 'smoke'")
+  return c
