@@ -69,6 +69,31 @@ originals per CPU-second, after a one-off build that costs about one uncached ep
     - tf.data threading.max_intra_op_parallelism=1: 0.96x for ours, 1.00x for plain.
     - (previous round) per-batch float work, INTEGER_FAST DCT, decode ratio: see above.
 
+Third round (issue 14): the TFDS source. Its TFRecord loader read each record by Python
+(seek + read) in a tf.py_function; it now reads in-graph, a one-record TFRecordDatasetV2
+started at the record's byte offset (TF's own reader, CRCs checked); array_record goes
+through tf.numpy_function instead of tf.py_function. This benchmark, 3 interleaved rounds
+of 1280 (tables below, best round): records alone, no decode, per CPU-second: tfrecord
+py_function 3,296 -> in-graph 5,796 (originals 2,418 -> 4,396), array_record 5,062
+(3,518); image folder 21,576 (9,781). Beside a busy Python thread, records/s: tfrecord
+py_function 825 -> in-graph 3,910 (originals 1,041 -> 2,477), array_record 2,104 (1,603).
+The same loaders on imagenette's 9,469 photos (records per CPU-second): tfrecord 2,681 ->
+7,332, array_record py_function 3,212 -> numpy_function 4,906; idle -> busy records/s:
+tfrecord py_function 1,356 -> 535, in-graph 2,276 -> 1,944, array_record py_function
+2,298 -> 304, numpy_function 3,841 -> 833. A reader that takes the GIL per record stalls
+behind any Python work and cannot use more cores than one Python thread feeds; the
+in-graph one has no Python on its path, so TFRecord is the format to prepare. Full
+pipeline per CPU-second: TFDS tfrecord 0.97x the image folder path on both sets, TFDS
+array_record 0.84-0.87x; decode and resize dominate.
+  Of the in-graph read's ~130 us CPU per record, ~115 us is tf.data's cost of starting a
+  nested dataset in a map (a one-element from_tensors dataset costs as much): TF has no
+  byte-range file read op without one. buffer_size=0 (read exactly the record) takes ~15%
+  less CPU than a 256 KB buffer.
+  Not done (needs the pipeline to read the index stream in chunks before its per-example
+  map): array_record's read(indices) reads a chunk in C++ threads with the GIL released;
+  one tf.numpy_function per 64 records measured 6,153 records per CPU-second in a
+  prototype, and would hold the GIL 64x less often.
+
 Both pipelines read the same real JPEGs and run in the same process, interleaved (ours,
 plain, ours, plain, ...) so that drifting load on a shared machine hits both alike; each
 round builds a fresh pipeline. Same batch size, same number of images, AUTOTUNE
@@ -86,12 +111,25 @@ parallelism and prefetch for both, both yield float32 [B, 224, 224, 3]. Two imag
 
 Run from the repository root:
   python -m benchmarks.input_pipeline [--data=ROOT] [--images=1920] [--rounds=3]
-  [--sets=train,originals] [--square_cache=1]
+  [--sets=train,originals] [--square_cache=1] [--tfds=tfrecord,array_record] [--readers=1]
 
 "ours, square cache" is the same pipeline with config.input.square_cache=True, its cache
-built in a fresh directory before timing (build time printed separately). Per CPU-second
-counts the CPU time of every thread of the process (time.process_time) over the timed
-batches; both pipelines use tf.data's default threading (shared pool, AUTOTUNE).
+built in a fresh directory before timing (build time printed separately). "ours, TFDS
+<format>" is the same pipeline reading the same files from a TFDS dataset that TFDS itself
+prepared from them (`--tfds=tfrecord,array_record`; built in a temporary data_dir before
+timing, JPEG bytes stored verbatim, so the decode work is the same).
+
+The second table times the record readers alone: each source's loader (index -> encoded
+bytes and label; for TFDS the record parsed as the tf.train.Example TFDS wrote) over a
+random order, no decode: records per CPU-second is the per-core cost of getting the bytes;
+the last column times the same with a pure-Python thread spinning in this process (wall
+clock only: the spinner's CPU counts too), which is what a reader that takes the GIL per
+record meets beside a training loop.
+"py_function" is the TFRecord reader the TFDS source had before issue 14 (Python seek and
+read per record in a tf.py_function, on the same record index), kept here as the baseline.
+
+Per CPU-second counts the CPU time of every thread of the process (time.process_time) over
+the timed batches; all pipelines use tf.data's default threading (shared pool, AUTOTUNE).
 """
 
 from __future__ import annotations
@@ -101,12 +139,15 @@ import gc
 import os
 import sys
 import tempfile
+import threading
 import time
 
 if __package__ in (None, ""):  # `python benchmarks/input_pipeline.py`
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
 
 from alexnet_jax import data as ip  # noqa: E402
 from alexnet_jax.data import sources, square_cache  # noqa: E402
@@ -163,6 +204,95 @@ def originals_tree(data: str, count: int) -> str:
   return root
 
 
+TFDS_NAME = "alexnet_bench_images"
+
+
+def tfds_dataset(paths, labels, class_names, file_format: str, root: str) -> str:
+  """The files as TFDS dataset TFDS_NAME (one split, 'train'), prepared by TFDS in
+  `root/<file_format>`; returns that data_dir. Its builder is not registered, so the
+  pipeline opens it from its files alone, as a dataset prepared elsewhere."""
+  import tensorflow_datasets as tfds
+
+  class BenchImages(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    name = TFDS_NAME
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self):
+      return tfds.core.DatasetInfo(
+          builder=self,
+          features=tfds.features.FeaturesDict({
+              "image": tfds.features.Image(encoding_format="jpeg"),
+              "label": tfds.features.ClassLabel(names=class_names),
+              "file_name": tfds.features.Text(),  # as imagenet2012 stores it
+          }),
+          supervised_keys=("image", "label"))
+
+    def _split_generators(self, dl_manager):
+      return {"train": self._generate_examples()}
+
+    def _generate_examples(self):
+      for k, (path, label) in enumerate(zip(paths, labels, strict=True)):
+        yield k, {"image": path, "label": int(label), "file_name": os.path.basename(path)}
+
+  data_dir = os.path.join(root, file_format)
+  BenchImages(data_dir=data_dir, file_format=file_format).download_and_prepare()
+  return data_dir
+
+
+def py_function_reader(source: sources.TfdsSource):
+  """The TFDS TFRecord loader as it was before issue 14: each record read by Python (seek
+  and read on a per-thread open file) in a tf.py_function, then parsed in-graph."""
+  paths = [os.fspath(p) for p in source._builder.info.splits["train"].filepaths]
+  shard, start = sources._scan_tfrecords(paths)
+  local = threading.local()
+  spec = {"image": tf.io.FixedLenFeature([], tf.string),
+          "label": tf.io.FixedLenFeature([], tf.int64)}
+
+  def read(i):
+    files = local.__dict__.setdefault("files", {})
+    s = int(shard[i])
+    if s not in files:
+      files[s] = open(paths[s], "rb")  # noqa: SIM115 (kept open for the thread)
+    f = files[s]
+    f.seek(int(start[i]))
+    n = int.from_bytes(f.read(12)[:8], "little")  # uint64 length, uint32 crc, payload
+    return f.read(n)
+
+  def load(index):
+    record = tf.py_function(lambda i: read(int(i)), [index], tf.string)
+    record.set_shape([])
+    ex = tf.io.parse_single_example(record, spec)
+    return ex["image"], ex["label"], tf.constant("")
+  return load
+
+
+class BusyPython:
+  """A thread running pure Python while it is open, taking the GIL as a training loop's
+  host code (logging, metrics, dispatch) does between device calls."""
+
+  def __enter__(self):
+    self._stop = False
+    self._thread = threading.Thread(target=self._spin, daemon=True)
+    self._thread.start()
+
+  def _spin(self):
+    x = 0
+    while not self._stop:
+      x += 1
+
+  def __exit__(self, *exc):
+    self._stop = True
+    self._thread.join()
+
+
+def reader_dataset(load, n: int, batch_size: int, seed: int):
+  """Encoded bytes and labels of the n examples in a random order, repeated; no decode."""
+  idx = np.random.default_rng(seed).permutation(n).astype(np.int64)
+  ds = tf.data.Dataset.from_tensor_slices(idx).repeat()
+  ds = ds.map(lambda i: load(i)[:2], num_parallel_calls=AUTOTUNE, deterministic=True)
+  return ds.batch(batch_size, drop_remainder=True).prefetch(AUTOTUNE)
+
+
 def main(argv=None) -> None:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--data", default="/work/shared/data/imagenet-tiny")
@@ -172,12 +302,19 @@ def main(argv=None) -> None:
   p.add_argument("--sets", default="train,originals", help="train and/or originals")
   p.add_argument("--square_cache", type=int, default=1,
                  help="also time config.input.square_cache=True (built before timing)")
+  p.add_argument("--tfds", default=",".join(sources.TFDS_FILE_FORMATS),
+                 help="also time the pipeline on the files as a TFDS dataset in these file "
+                 "formats (built before timing); empty: none")
+  p.add_argument("--readers", type=int, default=1,
+                 help="also time each source's record reader alone (no decode)")
   args = p.parse_args(argv)
   if not os.path.isdir(args.data):
     sys.exit(f"{args.data} not found; pass --data=ROOT with ROOT/{{train,val}}/<class>/*.JPEG")
 
   num_batches = max(1, args.images // args.batch_size)
-  make, n_files, build = {}, {}, {}
+  formats = [f for f in args.tfds.split(",") if f]
+  tfds_root = tempfile.mkdtemp(prefix="bench-tfds-")
+  make, n_files, build, readers = {}, {}, {}, {}
   for which in args.sets.split(","):
     n_train = len(tf.io.gfile.glob(os.path.join(args.data, "train", "*", "*")))
     root = args.data if which == "train" else originals_tree(args.data, n_train)
@@ -188,7 +325,9 @@ def main(argv=None) -> None:
     c.batch_size = args.batch_size
     c.model.num_classes = 10
     ip.statistics(c)  # computed and cached before timing
-    paths = [str(x) for x in sources.get_source(c).files("train")[0]]
+    folder = sources.get_source(c)
+    paths, labels = folder.files("train")
+    paths = [str(x) for x in paths]
     n_files[which] = len(paths)
     # A fresh pipeline per round, dropped after it: a live idle tf.data iterator keeps
     # filling its buffers in the background and would steal CPU from the one being timed.
@@ -204,17 +343,46 @@ def main(argv=None) -> None:
       build[which] = (time.perf_counter() - t, time.process_time() - cpu)
       make[(which, "ours, square cache")] = lambda r, c=cc: ip.train_batches(
           c, start_step=r * num_batches)
+    for fmt in formats:
+      ct = c.copy_and_resolve_references()
+      ct.dataset.name = TFDS_NAME
+      ct.dataset.data_dir = tfds_dataset(paths, labels, folder.info.class_names, fmt,
+                                         os.path.join(tfds_root, which))
+      ct.dataset.eval_split = "train"  # (the dataset has one split; eval is not timed)
+      ip.statistics(ct)
+      make[(which, f"ours, TFDS {fmt}")] = lambda r, c=ct: ip.train_batches(
+          c, start_step=r * num_batches)
+      if args.readers:
+        tsource = sources.get_source(ct)
+        readers[(which, f"TFDS {fmt}")] = tsource.loader("train")
+        if fmt == "tfrecord":
+          readers[(which, "TFDS tfrecord, py_function (before issue 14)")] = (
+              py_function_reader(tsource))
+    if args.readers:
+      readers[(which, "image folder")] = folder.loader("train")
     make[(which, "plain")] = lambda r, c=c, paths=paths: plain_dataset(
         paths, args.batch_size, c.input.resize_size, c.model.input_size,
         c.seed + r).as_numpy_iterator()
 
   results = {k: [] for k in make}
+  reads = {k: [] for k in readers}
+  busy = {k: [] for k in readers}
   for r in range(args.rounds):
     for key, factory in make.items():
       it = factory(r)
       results[key].append(time_batches(it, num_batches, args.batch_size))
       del it
       gc.collect()
+    for key, load in readers.items():
+      for out in (reads, busy):
+        it = reader_dataset(load, n_files[key[0]], args.batch_size, r).as_numpy_iterator()
+        if out is busy:
+          with BusyPython():
+            out[key].append(time_batches(it, num_batches, args.batch_size))
+        else:
+          out[key].append(time_batches(it, num_batches, args.batch_size))
+        del it
+        gc.collect()
 
   cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
   threads = tf.data.Options().threading.private_threadpool_size
@@ -235,6 +403,15 @@ def main(argv=None) -> None:
                f"{per_cpu[which, name] / per_cpu[which, 'plain']:.2f}x")
     print(f"| {which} | {name} | {best[which, name]:.0f} | {rounds} | "
           f"{per_cpu[which, name]:.0f} | {ratio} |")
+  if reads:
+    print("\nRecord readers alone (a source's loader over a random order, no decode):\n")
+    print("| images | reader | records/s (best round) | all rounds | records per CPU-second "
+          "(best) | records/s beside a busy Python thread (best) |")
+    print("|---|---|---|---|---|---|")
+    for (which, name), v in reads.items():
+      rounds = ", ".join(f"{w:.0f}" for w, _ in v)
+      print(f"| {which} | {name} | {max(w for w, _ in v):.0f} | {rounds} | "
+            f"{max(c for _, c in v):.0f} | {max(w for w, _ in busy[which, name]):.0f} |")
   for which, (wall, cpu) in build.items():
     print(f"\nsquare cache of {which} ({n_files[which]} files): built in {wall:.1f} s, "
           f"{cpu:.1f} CPU-s ({n_files[which] / cpu:.0f} images per CPU-second), once")

@@ -5,9 +5,10 @@ No mocks and no network. Two datasets, built once per module:
   deliberately unsorted), prepared as tfrecord and as array_record, 3 shards a split. Its
   builder is not registered, so the pipeline opens it from its files alone, as it would a
   dataset prepared elsewhere from a custom builder.
-- `imagenet2012`: TFDS's real builder (real label order, real validation labelling) on a
-  fake manual_dir of ILSVRC tars holding a few JPEGs, prepared by running the command that
-  the pipeline's not-prepared error prints.
+- `imagenet2012`: TFDS's real builder (real label order, TFDS's shipped validation label
+  list) on a fake manual_dir of ILSVRC tars holding a few JPEGs, the validation tar a
+  non-contiguous subset under real file names, prepared by running the command that the
+  pipeline's not-prepared error prints (which labels validation files by name).
 JPEGs are real photos from ../shared/data/imagenet-tiny when present, generated otherwise.
 
 Examples are identified by content: with no random crop or flip and no mean, a batch
