@@ -137,6 +137,7 @@ from __future__ import annotations
 import argparse
 import gc
 import os
+import shutil
 import sys
 import tempfile
 import threading
@@ -415,6 +416,7 @@ def main(argv=None) -> None:
   for which, (wall, cpu) in build.items():
     print(f"\nsquare cache of {which} ({n_files[which]} files): built in {wall:.1f} s, "
           f"{cpu:.1f} CPU-s ({n_files[which] / cpu:.0f} images per CPU-second), once")
+  shutil.rmtree(tfds_root, ignore_errors=True)  # the TFDS copies (the files are --data's)
 
 
 if __name__ == "__main__":
