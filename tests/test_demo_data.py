@@ -1,7 +1,6 @@
-"""The built-in demo data: deterministic, real JPEGs in an image-folder tree, fast."""
+"""The built-in demo data: deterministic, real JPEGs in an image-folder tree, drawn once."""
 
 import os
-import time
 
 import numpy as np
 from PIL import Image
@@ -25,10 +24,12 @@ def tree_files(root):
                 for d, _, fs in os.walk(root) for f in fs)
 
 
-def test_demo_tree_is_deterministic_real_jpegs_and_fast(tmp_path):
-  t = time.time()
+def test_demo_tree_is_deterministic_real_jpegs_drawn_once(tmp_path, monkeypatch):
+  drawn = []
+  draw = demo.draw_example
+  monkeypatch.setattr(demo, "draw_example", lambda *a: drawn.append(a) or draw(*a))
   roots = [demo.ensure_demo_tree(demo_config(tmp_path / f"cache{i}")) for i in (0, 1)]
-  assert time.time() - t < 20
+  assert len(drawn) == 2 * 10 * (6 + 2)  # each image drawn once per tree, nothing else
   files = tree_files(roots[0])
   assert files == tree_files(roots[1])
   assert len(files) == 10 * (6 + 2)
@@ -41,10 +42,11 @@ def test_demo_tree_is_deterministic_real_jpegs_and_fast(tmp_path):
   # The name encodes the parameters; no temporary directories are left behind.
   assert "64px-6train-2val" in os.path.basename(roots[0])
   assert os.listdir(os.path.dirname(roots[0])) == [os.path.basename(roots[0])]
-  # A second call reuses the tree.
+  # A second call reuses the tree: nothing is drawn or written.
   mtime = os.path.getmtime(roots[0])
+  drawn.clear()
   assert demo.ensure_demo_tree(demo_config(tmp_path / "cache0")) == roots[0]
-  assert os.path.getmtime(roots[0]) == mtime
+  assert os.path.getmtime(roots[0]) == mtime and not drawn
 
 
 def test_demo_through_the_pipeline(tmp_path):
