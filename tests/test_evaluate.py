@@ -1,0 +1,125 @@
+"""--mode=eval and --mode=predict end to end on one tiny trained run (no ../shared needed),
+and ImageNet's class words.
+
+  .venv/bin/python -m pytest -q tests/test_evaluate.py
+"""
+
+import glob
+import importlib.util
+import json
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image
+from tensorboard.backend.event_processing import event_accumulator
+
+from alexnet_jax import cli
+from alexnet_jax.data import demo
+from alexnet_jax.run import evaluate
+from experiments import demo as demo_config
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  """The smoke net trained 4 steps on the demo data, checkpointed and evaluated (centre
+  crop) at steps 2 and 4. The smoke net's unit biases and 0.01 stds would score every
+  image alike (one class: 90% / 50% error at any step); He stds, no biases and a high
+  Adam rate make predictions depend on the image and the two checkpoints differ."""
+  workdir = str(tmp_path_factory.mktemp("run"))
+  config = demo_config.get_config("smoke")
+  fan_in = (11 * 11 * 3, 5 * 5 * 4, 3 * 3 * 16, 3 * 3 * 8, 3 * 3 * 8, 6 * 6 * 16, 32, 32)
+  config.update_from_flattened_dict({
+      "dataset.cache_dir": str(tmp_path_factory.mktemp("cache")), "num_train_steps": 4,
+      "eval_every_steps": 2, "checkpoint_every_steps": 2, "keep_checkpoints": 3,
+      "eval_ten_crop": False, "optim.learning_rate": 0.01,
+      "model.init_weight_std": tuple(float(np.sqrt(2 / n)) for n in fan_in),
+      "model.init_bias": (0.0,) * 8})
+  assert cli.run("train", config, workdir) == 0
+  return config, workdir
+
+
+def _training_evals(workdir):
+  """{step: {"top1_error": .., "top5_error": ..}} as the training loop logged them."""
+  acc = event_accumulator.EventAccumulator(workdir, size_guidance={"tensors": 0})
+  acc.Reload()
+  out = {}
+  for key in ("top1_error", "top5_error"):
+    for e in acc.Tensors(f"eval/{key}"):
+      out.setdefault(e.step, {})[key] = float(tf.make_ndarray(e.tensor_proto))
+  return out
+
+
+def test_eval_of_an_older_step_reports_that_checkpoint(trained):
+  config, workdir = trained
+  logged = _training_evals(workdir)
+  assert set(logged) == {2, 4}
+  assert cli.run("eval", config, workdir, step=2) == 0
+  assert cli.run("eval", config, workdir) == 0  # the latest: step 4
+  reports = {}
+  for step in (2, 4):
+    with open(os.path.join(workdir, "eval", f"{step}.json")) as f:
+      reports[step] = json.load(f)
+  assert sorted(os.listdir(os.path.join(workdir, "eval"))) == ["2.json", "4.json"]
+  for step, report in reports.items():
+    assert report["step"] == step and report["num_examples"] == 40
+    # The training loop's evaluation of the same weights, by another code path.
+    for key, value in logged[step].items():
+      assert report["center_crop"][key] == pytest.approx(value), (step, key)
+    assert 0.0 <= report["ten_crop"]["top5_error"] <= report["ten_crop"]["top1_error"] <= 1.0
+  # The two checkpoints score differently, so the older report is not the latest's.
+  assert logged[2] != logged[4]
+
+
+def test_predict_on_files_outside_any_dataset(trained, tmp_path, capsys):
+  config, workdir = trained
+  root = demo.ensure_demo_tree(config)
+  paths = sorted(glob.glob(os.path.join(root, "val", "*", "*.JPEG")))[::13][:2]
+  # And a non-square JPEG and a PNG written here: any size is resized and centre-cropped.
+  rng = np.random.default_rng(0)
+  for name, size in (("wide.jpg", (300, 170)), ("small.png", (90, 120))):
+    pixels = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / name)
+    paths.append(str(tmp_path / name))
+
+  def top5(step=None):
+    capsys.readouterr()
+    assert cli.run("predict", config, workdir, step=step, images=paths) == 0
+    out = capsys.readouterr().out
+    result = {}
+    for path in paths:
+      lines = out.split(path + "\n")[1].splitlines()[:5]
+      result[path] = [(line.split("%", 1)[1].strip(), float(line.split("%")[0]))
+                      for line in lines]
+    return result
+
+  latest = top5()
+  for path, rows in latest.items():
+    names = [n for n, _ in rows]
+    probs = [p for _, p in rows]
+    assert len(set(names)) == 5 and set(names) <= set(demo.CLASS_NAMES), path
+    assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 100.01, path
+  assert len({tuple(rows) for rows in latest.values()}) == len(paths)  # per image
+  assert top5(step=2) != latest  # --step reaches predict too
+  # A missing file is a user error, not a crash.
+  assert cli.run("predict", config, workdir, images=[str(tmp_path / "nope.jpg")]) == 2
+
+
+def test_imagenet_words_in_tfds_label_order():
+  # The wnids come from TFDS's own label list, the words from ImageNet's well-known
+  # class indices (0 tench ... 999 toilet tissue), not from our resource file.
+  spec = importlib.util.find_spec("tensorflow_datasets")
+  with open(os.path.join(spec.submodule_search_locations[0], "datasets", "imagenet2012",
+                         "labels.txt")) as f:
+    wnids = f.read().split()
+  words = evaluate.readable_names(wnids)
+  assert len(words) == 1000
+  for index, word in [(0, "tench, Tinca tinca"), (1, "goldfish, Carassius auratus"),
+                      (207, "golden retriever"), (281, "tabby, tabby cat"),
+                      (409, "analog clock"),
+                      (999, "toilet tissue, toilet paper, bathroom tissue")]:
+    assert words[index] == word, index
+  assert not set(words) & set(wnids)  # every wnid has its words
+  # Other folder names pass through unchanged.
+  assert evaluate.readable_names(["cat", "n01440764"]) == ["cat", "tench, Tinca tinca"]
