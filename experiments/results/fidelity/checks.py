@@ -225,6 +225,9 @@ def check_pipeline(batch_size: int = 16):
     cov_eig = (ev[order], evec[:, order])
     np.savez(cache, mean=mean_img, eigvals=cov_eig[0], eigvecs=cov_eig[1])
   eigvals, eigvecs = cov_eig
+  # Eigenvector signs are arbitrary; use the library's convention (component sum <= 0) so
+  # the same alpha gives the same offset. (PCA jitter is symmetric either way.)
+  eigvecs = eigvecs * np.where(eigvecs.sum(0) > 0, -1.0, 1.0)
   for preset in ("experiments/alexnet.py", "experiments/alexnet_2012_code.py"):
     for cached in (False, True):
       config = load_config(preset, [f"batch_size={batch_size}",
