@@ -154,8 +154,11 @@ def test_a_run_killed_during_its_final_evaluation_completes_it_on_rerun(run_copy
 def test_a_changed_meaning_on_resume_is_refused_unless_allowed(run_copy, cache_dir):
   longer = dict(num_train_steps=6)
   before = _tree(run_copy)
-  line = _one_line_error(_main(run_copy, _flags(cache_dir, batch_size=16, seed=3, **longer)))
-  assert "batch_size" in line and "seed" in line and "--allow_config_changes" in line
+  out = _main(run_copy, _flags(cache_dir, batch_size=16, seed=3, **longer))
+  _one_line_error(out)  # then one indented line per differing field
+  message = out.stderr.split("error:")[1]
+  assert "batch_size: checkpoint 8 vs config 16" in message and "seed:" in message
+  assert "--allow_config_changes" in message
   assert _tree(run_copy) == before  # refused before anything was written
   # The rate may change (the paper lowered it by hand), logged; every config is kept.
   out = _main(run_copy, _flags(cache_dir, **longer, **{"optim.learning_rate": 0.005}))
@@ -204,8 +207,8 @@ def test_a_second_run_on_the_same_workdir_is_refused_and_a_dead_holder_is_taken_
 def test_user_errors_are_one_line(finished, cache_dir, extra, needle):
   before = _tree(finished)
   flags = _flags(cache_dir)
-  if any(e.startswith("--config=") for e in extra):
-    flags = [f for f in flags if not f.startswith("--config=")]
+  if extra[0].startswith("--config="):  # another config file: it comes before its fields
+    flags, extra = extra + flags[1:], []
   assert needle in _one_line_error(_main(finished, flags, extra=extra))
   assert _tree(finished) == before
 
