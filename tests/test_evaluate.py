@@ -21,23 +21,37 @@ from alexnet_jax.run import evaluate
 from experiments import demo as demo_config
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-  """The smoke net trained 4 steps on the demo data, checkpointed and evaluated (centre
+_TRAINED = []  # the run, once made
+
+
+def trained_run(tmp_path_factory):
+  """(config, workdir): one tiny run per pytest process, also drawn by test_figures.py.
+  Tests read it and write only into its eval/ and figures/ folders.
+
+  The smoke net trained 4 steps on the demo data, checkpointed and evaluated (centre
   crop) at steps 2 and 4. The smoke net's unit biases and 0.01 stds would score every
   image alike (one class: 90% / 50% error at any step); He stds, no biases and a high
   Adam rate make predictions depend on the image and the two checkpoints differ."""
+  if _TRAINED:
+    return _TRAINED[0]
   workdir = str(tmp_path_factory.mktemp("run"))
   config = demo_config.get_config("smoke")
   fan_in = (11 * 11 * 3, 5 * 5 * 4, 3 * 3 * 16, 3 * 3 * 8, 3 * 3 * 8, 6 * 6 * 16, 32, 32)
   config.update_from_flattened_dict({
       "dataset.cache_dir": str(tmp_path_factory.mktemp("cache")), "num_train_steps": 4,
       "eval_every_steps": 2, "checkpoint_every_steps": 2, "keep_checkpoints": 3,
-      "eval_ten_crop": False, "optim.learning_rate": 0.01,
+      "eval_ten_crop": False, "optim.learning_rate": 0.01, "mesh.data": 1, "mesh.model": 1,
       "model.init_weight_std": tuple(float(np.sqrt(2 / n)) for n in fan_in),
       "model.init_bias": (0.0,) * 8})
   assert cli.run("train", config, workdir) == 0
+  config.lock()
+  _TRAINED.append((config, workdir))
   return config, workdir
+
+
+@pytest.fixture
+def trained(tmp_path_factory):
+  return trained_run(tmp_path_factory)
 
 
 def _training_evals(workdir):
@@ -55,21 +69,17 @@ def test_eval_of_an_older_step_reports_that_checkpoint(trained):
   config, workdir = trained
   logged = _training_evals(workdir)
   assert set(logged) == {2, 4}
-  assert cli.run("eval", config, workdir, step=2) == 0
-  assert cli.run("eval", config, workdir) == 0  # the latest: step 4
-  reports = {}
-  for step in (2, 4):
-    with open(os.path.join(workdir, "eval", f"{step}.json")) as f:
-      reports[step] = json.load(f)
-  assert sorted(os.listdir(os.path.join(workdir, "eval"))) == ["2.json", "4.json"]
-  for step, report in reports.items():
-    assert report["step"] == step and report["num_examples"] == 40
-    # The training loop's evaluation of the same weights, by another code path.
-    for key, value in logged[step].items():
-      assert report["center_crop"][key] == pytest.approx(value), (step, key)
-    assert 0.0 <= report["ten_crop"]["top5_error"] <= report["ten_crop"]["top1_error"] <= 1.0
-  # The two checkpoints score differently, so the older report is not the latest's.
+  # The two checkpoints score differently, so the older one's report is not the latest's.
   assert logged[2] != logged[4]
+  assert cli.run("eval", config, workdir, step=2) == 0
+  assert os.listdir(os.path.join(workdir, "eval")) == ["2.json"]
+  with open(os.path.join(workdir, "eval", "2.json")) as f:
+    report = json.load(f)
+  assert report["step"] == 2 and report["num_examples"] == 40
+  # The training loop's evaluation of the same weights, by another code path.
+  for key, value in logged[2].items():
+    assert report["center_crop"][key] == pytest.approx(value), key
+  assert 0.0 <= report["ten_crop"]["top5_error"] <= report["ten_crop"]["top1_error"] <= 1.0
 
 
 def test_predict_on_files_outside_any_dataset(trained, tmp_path, capsys):

@@ -8,9 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from alexnet_jax.run import train
 from alexnet_jax.tools import figures
-from experiments import alexnet
+from test_evaluate import trained_run  # one tiny trained run for every module that needs one
 
 LAYOUT = dict(per_row=16, scale=4, pad=2, tower_gap=12)
 
@@ -109,16 +108,11 @@ def test_evenly_spaced_is_deterministic_and_bounded():
   assert len(figures.evenly_spaced(5, 100)) == 5 and len(figures.evenly_spaced(0, 3)) == 0
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def trained(tmp_path_factory):
-  """A smoke model trained 2 steps (evaluated at both) on the demo data."""
-  workdir = str(tmp_path_factory.mktemp("run"))
-  config = alexnet.get_config("smoke")
-  config.dataset.cache_dir = str(tmp_path_factory.mktemp("cache"))
-  config.eval_ten_crop = False
-  config.eval_every_steps = 1
-  train.train_and_evaluate(config, workdir)
-  return config, workdir
+  """The smoke net trained 4 steps on the demo data, evaluated at steps 2 and 4: the run
+  test_evaluate.py also uses (trained once per pytest process)."""
+  return trained_run(tmp_path_factory)
 
 
 def test_write_all_on_a_trained_run(trained):
@@ -149,8 +143,8 @@ def test_write_all_on_a_trained_run(trained):
   assert Image.open(os.path.join(out, "neighbours.png")).size[0] > 800
 
   curves = figures.training_curves(workdir, os.path.join(out, "curves_again.png"))
-  assert list(curves["train/loss"][0]) == [1, 2]
-  assert list(curves["eval/top1_error"][0]) == [1, 2]
+  assert list(curves["train/loss"][0]) == [1, 2, 3, 4]
+  assert list(curves["eval/top1_error"][0]) == [2, 4]
   assert (curves["train/learning_rate"][1] > 0).all()
 
 
