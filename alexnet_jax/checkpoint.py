@@ -370,8 +370,7 @@ class Checkpointer:
   """
 
   def __init__(self, workdir: str, *, keep: int = 3, read_only: bool = False,
-               lock: bool = True, every_steps: int | None = None):
-    del every_steps  # Deprecated, ignored: every save() is written. Drop once callers do.
+               lock: bool = True):
     self.workdir = os.path.abspath(workdir)
     self.directory = os.path.join(self.workdir, "checkpoints")
     self.read_only = read_only
@@ -461,8 +460,7 @@ class Checkpointer:
   # ---------------------------------------------------------------- save
 
   def save(self, state, config: ml_collections.ConfigDict, *,
-           eval_metrics: dict[str, float] | None = None, save_nonfinite: bool = False,
-           force: bool | None = None) -> bool:
+           eval_metrics: dict[str, float] | None = None, save_nonfinite: bool = False) -> bool:
     """Starts an asynchronous save of `state`; returns once its arrays are on the host.
 
     Returns False, with a warning, if the parameters or optimizer state hold a NaN or
@@ -471,7 +469,6 @@ class Checkpointer:
     Raises CheckpointWriteError if the disk lacks the space (before writing) or a
     write fails (this save or the previous one, whose error surfaces here).
     """
-    del force  # Deprecated, ignored: every save is written. Drop once callers do.
     if self.read_only:
       raise ValueError(f"{self.directory} was opened read_only")
     step = int(jax.device_get(state.step))
@@ -778,9 +775,3 @@ class Checkpointer:
 
       multihost_utils.sync_global_devices("alexnet_jax checkpoint set aside")
     self.manager.reload()
-
-
-def abstract_state(state_shape, shardings):
-  """ShapeDtypeStructs carrying the target shardings, for `Checkpointer.restore`."""
-  return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                      state_shape, shardings)

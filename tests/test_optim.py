@@ -83,7 +83,7 @@ def test_plateau_state_round_trips_through_a_checkpoint(tmp_path):
     state = state.replace(plateau=optim.plateau_update(config, state.plateau, err))
   assert float(state.plateau.scale) == pytest.approx(0.1)
   ckpt = checkpoint.Checkpointer(str(tmp_path))
-  ckpt.save(state, config, force=True)
+  ckpt.save(state, config)
   ckpt.wait()
   target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
   restored = checkpoint.Checkpointer(str(tmp_path)).restore(target)
