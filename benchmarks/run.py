@@ -199,7 +199,7 @@ class Suite:
 
   def _train_md(self) -> str:
     peak = self.results.get("peak", {})
-    fpi = common.PAPER_TRAIN_FLOPS_PER_IMAGE
+    fpi = common.TRAIN_FLOPS_PER_IMAGE
     micro = self.args.microbatch
     out = ["### Train step (images/s; median step, best step in brackets)", "",
            "FLOP/s use 3 x 1.45 GFLOP per image for both implementations: our count of "

@@ -202,7 +202,7 @@ def main(argv=None) -> None:
                  flops_per_image=ours.flops_per_image())
       rows.append(row)
       ratio = f"{row['ours_ips'] / row['torch_ips']:.2f}x" if row["torch_ips"] else "n/a"
-      frac = 100 * row["ours_ips"] * common.PAPER_TRAIN_FLOPS_PER_IMAGE / 1e9 / peak[dtype]
+      frac = 100 * row["ours_ips"] * common.TRAIN_FLOPS_PER_IMAGE / 1e9 / peak[dtype]
       md.append(f"| {batch} | {dtype} | {row['ours_ips']:.0f} | "
                 f"{row['torch_ips'] or float('nan'):.0f} | {ratio} | {frac:.0f}% | "
                 f"{ours.compile_s:.1f} | {row['ours_peak_mb'] or float('nan'):.0f} | "

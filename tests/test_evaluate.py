@@ -55,11 +55,12 @@ def trained(tmp_path_factory):
 
 
 def _training_evals(workdir):
-  """{step: {"top1_error": .., "top5_error": ..}} as the training loop logged them."""
+  """{step: {"top1_error": .., "top5_error": .., "loss": ..}} as the training loop logged
+  them (the loss tells two checkpoints apart where 40 images' error rates may not)."""
   acc = event_accumulator.EventAccumulator(workdir, size_guidance={"tensors": 0})
   acc.Reload()
   out = {}
-  for key in ("top1_error", "top5_error"):
+  for key in ("top1_error", "top5_error", "loss"):
     for e in acc.Tensors(f"eval/{key}"):
       out.setdefault(e.step, {})[key] = float(tf.make_ndarray(e.tensor_proto))
   return out

@@ -147,7 +147,7 @@ def test_eval_mode_on_another_device_count_writes_the_report(trained, cache_dir)
   assert report["step"] == 2 and report["split"] == "validation"
   assert report["num_examples"] == 40  # smoke demo: 10 classes x 4, every one counted
   for view in ("center_crop", "ten_crop"):
-    assert set(report[view]) == {"top1_error", "top5_error"}
+    assert set(report[view]) == {"top1_error", "top5_error", "loss"}
     assert 0.0 <= report[view]["top5_error"] <= report[view]["top1_error"] <= 1.0
   # The same numbers as an evaluation on this process's 8 devices.
   config = _config(cache_dir)
@@ -168,13 +168,9 @@ def test_predict_prints_top5_for_real_images(trained, cache_dir, shared_data):
     assert len(probs) == 5 and probs == sorted(probs, reverse=True)
 
 
-def test_imagenet_class_words_for_any_set_of_ilsvrc_wnids():
-  names = [line.split("\t")[0] for line in open(os.path.join(evaluate.RESOURCES,
-                                                             "ilsvrc2012_classes.tsv"))
-           if not line.startswith("#")]
-  words = evaluate.readable_names(names)
-  assert words[0] == "tench, Tinca tinca" and len(words) == 1000
-  # An image folder of ten ILSVRC classes (e.g. Imagenette) gets words too; others stay.
+def test_imagenet_class_words_for_a_subset_of_ilsvrc_wnids():
+  # An image folder of some ILSVRC classes (e.g. Imagenette) gets words; other names stay
+  # (the 1000-class order is checked in test_evaluate against TFDS's labels).
   assert evaluate.readable_names(["n01440764", "circle"]) == ["tench, Tinca tinca", "circle"]
 
 

@@ -72,8 +72,8 @@ def run_eval(config: ml_collections.ConfigDict, workdir: str,
       "step": step, "split": config.dataset.eval_split, "num_examples": centre["num_examples"],
       # This process's skipped files; num_skipped counts those of all processes.
       "num_skipped": centre["num_skipped"], "skipped_files": bad_images.report(),
-      "center_crop": {k: centre[k] for k in ("top1_error", "top5_error")},
-      "ten_crop": {k: ten[k] for k in ("top1_error", "top5_error")},
+      "center_crop": {k: centre[k] for k in ("top1_error", "top5_error", "loss")},
+      "ten_crop": {k: ten[k] for k in ("top1_error", "top5_error", "loss")},
   }
   if jax.process_index() == 0:
     os.makedirs(os.path.join(workdir, "eval"), exist_ok=True)
