@@ -9,14 +9,18 @@ stripes class draws both diagonals).
 Generation is deterministic (numpy generators seeded by class, split and index) and
 writes an image-folder tree `<cache_dir>/<name encoding the parameters>/{train,val}/
 <class>/*.JPEG` atomically (a temporary directory renamed into place), so concurrent
-processes and interrupted runs never see a half-written tree. numpy and PIL only: no TF.
+processes and interrupted runs never see a half-written tree. The temporary directory's
+name holds the host and pid of its writer; one left by a killed writer (same host, pid
+no longer running) is removed by the next generation. numpy and PIL only: no TF.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
-import tempfile
+import socket
+import uuid
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -36,6 +40,7 @@ _RADIUS_RANGE = (0.16, 0.3)
 _STRIPE_PERIOD_RANGE = (0.07, 0.14)
 _NOISE_STD = 14.0  # per-pixel background noise, 0-255 scale
 _MIN_CONTRAST = 90.0  # Euclidean RGB distance between figure and background colours
+_TMP_PREFIX = ".tmp-demo-"  # + "<host>-<pid>-<random>"
 
 
 def demo_root(cache_dir: str, image_size: int, train_per_class: int, val_per_class: int) -> str:
@@ -49,11 +54,14 @@ def ensure_demo_tree(config) -> str:
   """Generates the demo tree under `config.dataset.cache_dir` unless present; its root."""
   d = config.dataset
   root = demo_root(d.cache_dir, d.demo_image_size, d.demo_train_per_class, d.demo_val_per_class)
+  parent = os.path.dirname(root)
+  if os.path.isdir(parent):
+    remove_orphans(parent)
   if os.path.isdir(root):
     return root
-  parent = os.path.dirname(root)
   os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=".tmp-demo-", dir=parent)
+  tmp = os.path.join(parent, f"{_TMP_PREFIX}{_host()}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+  os.makedirs(tmp)
   try:
     for split, per_class in (("train", d.demo_train_per_class), ("val", d.demo_val_per_class)):
       write_split(tmp, split, per_class, d.demo_image_size)
@@ -66,6 +74,37 @@ def ensure_demo_tree(config) -> str:
     if os.path.isdir(tmp):
       shutil.rmtree(tmp, ignore_errors=True)
   return root
+
+
+def remove_orphans(parent: str) -> list[str]:
+  """Removes the temporary trees in `parent` whose writer, on this host, is no longer
+  running (killed mid-generation); returns their paths. Others' are left alone: a live
+  writer's, or one on another host sharing the folder (its pids are not ours to check)."""
+  removed = []
+  for e in os.scandir(parent):
+    if not e.name.startswith(_TMP_PREFIX):
+      continue
+    host_pid = e.name[len(_TMP_PREFIX):].rpartition("-")[0]  # drops the random part
+    host, _, pid = host_pid.rpartition("-")
+    if host == _host() and pid.isdigit() and not _running(int(pid)):
+      shutil.rmtree(e.path, ignore_errors=True)
+      logging.getLogger(__name__).info("removed %s, left by a killed demo-data writer", e.path)
+      removed.append(e.path)
+  return removed
+
+
+def _host() -> str:
+  return socket.gethostname().replace("-", "_")  # "-" separates the name's fields
+
+
+def _running(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:  # another user's process
+    return True
+  return True
 
 
 def write_split(root: str, split: str, per_class: int, image_size: int) -> None:
