@@ -35,6 +35,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import logging
 import os
 import shlex
 import struct
@@ -82,18 +83,27 @@ class Source:
     raise NotImplementedError
 
 
-def get_source(config) -> Source:
-  """The source `config.dataset.name` selects; validates it without decoding an image."""
+def get_source(config, class_names: list[str] | tuple[str, ...] | None = None) -> Source:
+  """The source `config.dataset.name` selects; validates it without decoding an image.
+
+  class_names: the classes in label order when already known (e.g. recorded in a
+  workdir). An image folder then takes its classes from them instead of from its training
+  split, which may be absent (num_train 0: evaluating a copied workdir needs only val/);
+  a split's class folder not among them is an error. A TFDS dataset keeps its own list
+  (`setup.build` compares it with the recorded one).
+  """
   name = config.dataset.name
   if name == "demo":
-    return FolderSource(demo.ensure_demo_tree(config), config, identity_prefix="demo")
+    return FolderSource(demo.ensure_demo_tree(config), config, identity_prefix="demo",
+                        class_names=class_names)
   if name == "image_folder":
     root = config.dataset.image_folder
     if not root:
       raise DatasetNotFoundError(
           "config.dataset.name='image_folder' needs config.dataset.image_folder=ROOT, a "
           "folder holding ROOT/train/<class>/*.JPEG and ROOT/val/<class>/*.JPEG")
-    return FolderSource(os.path.expanduser(root), config, identity_prefix="image_folder")
+    return FolderSource(os.path.expanduser(root), config, identity_prefix="image_folder",
+                        class_names=class_names)
   return TfdsSource(config)
 
 
@@ -101,8 +111,17 @@ def get_source(config) -> Source:
 
 
 class FolderSource(Source):
+  """ROOT/<split>/<class>/*.{jpg,jpeg,png}; hidden (dot) entries are ignored.
 
-  def __init__(self, root: str, config, identity_prefix: str):
+  Files are listed by name only, so an entry that cannot be read (a dangling symlink, a
+  symlink loop, a directory named x.JPEG, no permission) is an example that the pipeline
+  skips and names with the reason when it reads it. A class folder with no image files
+  is an error in the training split (a class that cannot be learned: an interrupted copy
+  or extraction, most likely) and a warning in the evaluation split.
+  """
+
+  def __init__(self, root: str, config, identity_prefix: str,
+               class_names: list[str] | tuple[str, ...] | None = None):
     if not os.path.isdir(root):
       raise DatasetNotFoundError(
           f"config.dataset.image_folder={root!r} does not exist; it should hold "
@@ -110,15 +129,18 @@ class FolderSource(Source):
     self.name = identity_prefix
     self.root = root
     self._splits = {
-        "train": _folder_split_dir(root, config.dataset.train_split, "train_split"),
+        "train": _folder_split_dir(root, config.dataset.train_split, "train_split",
+                                   optional=class_names is not None),
         "eval": _folder_split_dir(root, config.dataset.eval_split, "eval_split"),
     }
-    classes = _class_folders(self._splits["train"])
+    classes = (_class_folders(self._splits["train"]) if class_names is None
+               else list(class_names))
     if not classes:
       raise DatasetNotFoundError(
           f"no class folders in {self._splits['train']} (config.dataset.image_folder="
           f"{root!r}); expected <split>/<class>/*.JPEG")
-    self._lists = {w: _list_files(d, tuple(classes)) for w, d in self._splits.items()}
+    self._lists = {w: _list_files(d, tuple(classes), w == "train")
+                   for w, d in self._splits.items()}
     self.identity = f"{identity_prefix}:{os.path.realpath(root)}"
     self.info = DatasetInfo(
         num_classes=len(classes), num_train=len(self._lists["train"][0]),
@@ -142,35 +164,64 @@ class FolderSource(Source):
     return load
 
 
-def _folder_split_dir(root: str, split: str, field: str) -> str:
+def _folder_split_dir(root: str, split: str, field: str, optional: bool = False) -> str:
+  """The split's folder; if `optional` and there is none, the path it would have."""
   candidates = [split] + (["val"] if split == "validation" else [])
   for c in candidates:
     if os.path.isdir(os.path.join(root, c)):
       return os.path.join(root, c)
+  if optional:
+    return os.path.join(root, split)
   raise DatasetNotFoundError(
       f"config.dataset.image_folder={root!r} has no split folder "
       f"{' or '.join(repr(c) for c in candidates)} (config.dataset.{field}={split!r})")
 
 
 def _class_folders(split_dir: str) -> list[str]:
-  return sorted(e.name for e in os.scandir(split_dir) if e.is_dir())
+  classes = []
+  for e in os.scandir(split_dir):
+    try:
+      if not e.name.startswith(".") and e.is_dir():
+        classes.append(e.name)
+    except OSError as err:  # e.g. a symlink loop: no folder to read
+      logging.getLogger(__name__).warning("ignoring %s: %s", e.path, err.strerror or err)
+  return sorted(classes)
 
 
 @functools.lru_cache(maxsize=16)
-def _list_files(split_dir: str, classes: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
+def _list_files(split_dir: str, classes: tuple[str, ...],
+                training: bool) -> tuple[np.ndarray, np.ndarray]:
+  """(paths, labels) of every image-named entry (see FolderSource) in class order; a
+  training split that `class_names` made optional and that is absent has none."""
+  if training and not os.path.isdir(split_dir):
+    return np.array([], dtype=object), np.array([], np.int64)
   unknown = set(_class_folders(split_dir)) - set(classes)
   if unknown:
-    raise ValueError(f"{split_dir} has class folders missing from the training split: "
-                     f"{sorted(unknown)[:5]}")
-  paths, labels = [], []
+    raise DatasetNotFoundError(
+        f"{split_dir} has class folders that are not among the {len(classes)} classes (the "
+        f"training split's or the recorded ones): {sorted(unknown)[:5]}")
+  paths, labels, empty = [], [], []
   for label, c in enumerate(classes):
     d = os.path.join(split_dir, c)
-    if not os.path.isdir(d):
-      continue
-    names = sorted(e.name for e in os.scandir(d)
-                   if e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS))
+    try:
+      names = sorted(e.name for e in os.scandir(d)
+                     if not e.name.startswith(".") and e.name.lower().endswith(IMAGE_EXTENSIONS))
+    except OSError as err:  # missing, unreadable or not a folder
+      names = []
+      c = f"{c} ({err.strerror or err})"
+    if not names:
+      empty.append(c)
     paths += [os.path.join(d, n) for n in names]
     labels += [label] * len(names)
+  if empty:
+    message = (f"{split_dir}: {len(empty)} class folder(s) without .jpg/.jpeg/.png files: "
+               f"{', '.join(empty[:10])}{' ...' if len(empty) > 10 else ''}")
+    if training:
+      raise DatasetNotFoundError(
+          f"{message}. A class with no training images cannot be learned (an interrupted "
+          "copy or extraction?): add its images, or remove the folder if the class should "
+          "not exist")
+    logging.getLogger(__name__).warning("%s: evaluation has no examples of them", message)
   return np.array(paths, dtype=object), np.array(labels, np.int64)
 
 
