@@ -1,8 +1,9 @@
 """Dataset statistics: mean image, mean colour and the RGB covariance's eigen-decomposition.
 
 All on the 0-255 scale. Computed by one streaming pass over (a deterministic sample of)
-the training set, in float64, and cached as .npz files keyed by the dataset's identity;
-or the published ImageNet values.
+the training set, in float64, and cached as .npz files keyed by the dataset's identity
+and a fingerprint of the sampled files (so adding, removing or replacing files computes
+them again); or the published ImageNet values.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from collections.abc import Iterable
 
 import numpy as np
 
-_CACHE_VERSION = 1
+# 2: keyed by the sampled files, not their count; large JPEGs decoded at reduced scale.
+_CACHE_VERSION = 2
 
 # ILSVRC-2012 per-channel means of the mean image (facts doc, "Data").
 PUBLISHED_MEAN_RGB = np.array([127.30, 119.72, 104.91])
@@ -95,9 +97,11 @@ def compute(batches: Iterable[np.ndarray]) -> Stats:
                eigvecs=eigvecs.astype(np.float32), num_images=count)
 
 
-def cache_path(cache_dir: str, identity: str, split: str, num_sampled: int,
-               resize_size: int) -> str:
-  key = json.dumps([_CACHE_VERSION, identity, split, num_sampled, resize_size])
+def cache_path(cache_dir: str, identity: str, split: str, sample: str, resize_size: int,
+               antialias: bool = False) -> str:
+  """Where the statistics of `sample` (a fingerprint of the sampled examples, e.g. of
+  their paths, sizes and modification times) are cached."""
+  key = json.dumps([_CACHE_VERSION, identity, split, sample, resize_size, antialias])
   digest = hashlib.sha1(key.encode()).hexdigest()[:16]
   safe = "".join(c if c.isalnum() else "_" for c in identity.split(":")[0])
   return os.path.join(os.path.expanduser(cache_dir), "stats", f"{safe}-{digest}.npz")
