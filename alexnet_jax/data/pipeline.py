@@ -21,10 +21,12 @@ unopened from then on). Careful reading gives the same bytes, so the output does
 depend on when a bad file was found (`_resilient_batches`).
 
 Memory. Read-ahead is bounded and independent of the dataset's size: tf.data prefetches
-`config.input.host_prefetch` batches (not AUTOTUNE), evaluation batches are finished one
-at a time without map-and-batch fusion (the fused op kept several ten-crop batches in
-flight: measured, peak RSS grew with the evaluation set), and freed memory is returned
-to the OS after each evaluation batch. `benchmarks/eval_memory.py` measures it.
+`config.input.host_prefetch` batches (not AUTOTUNE), its autotuning is off (it grew
+buffers past any fixed prefetch) and parallelism fixed, evaluation batches are finished
+one at a time without map-and-batch fusion (the fused op kept several ten-crop batches in
+flight), and freed memory is returned to the OS after each evaluation batch. Measured
+(`benchmarks/eval_memory.py`): peak RSS grew with the evaluation set before, and is flat
+once the read-ahead has filled now.
 
 Per-example work keeps control flow (tf.cond / while_loop) off the common path: inside a
 tf.data map each conditional costs more than the small ops it would save.
