@@ -51,7 +51,8 @@ class RunSetup:
 
   def batch_args(self) -> dict[str, Any]:
     """Keyword arguments every pipeline call of this run takes."""
-    return {"process_index": self.share[0], "process_count": self.share[1], "stats": self.stats}
+    return {"process_index": self.share[0], "process_count": self.share[1], "stats": self.stats,
+            "class_names": self.class_names}
 
 
 def build(config: ml_collections.ConfigDict, workdir: str | None = None, *,
@@ -66,7 +67,9 @@ def build(config: ml_collections.ConfigDict, workdir: str | None = None, *,
   recorded = read_record(workdir)
   info = None
   if mode != "predict" or recorded is None:
-    info = data.dataset_info(config)
+    # Recorded class names fix the labels (an image folder then needs only the split
+    # it is read for); the dataset must then have those classes.
+    info = data.dataset_info(config, recorded[0] if recorded is not None else None)
     if info.num_classes != config.model.num_classes:
       raise config_checks.ConfigError(
           "model.num_classes", f"{config.model.num_classes}, but dataset "
