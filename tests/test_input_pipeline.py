@@ -289,7 +289,7 @@ def test_eval_counts_every_example_once(tmp_path, process_count, ten_crop):
 def test_bad_batch_size_for_processes_is_an_error(tmp_path):
   c = make_config(tmp_path, coord_tree(tmp_path / "t"), stats="published")
   with pytest.raises(ValueError, match="batch_size"):
-    ip.train_batches(c, process_count=3)
+    next(ip.train_batches(c, process_count=3))  # however lazily the stream starts
 
 
 # ------------------------------------------------------------------ odd and bad files
