@@ -35,6 +35,11 @@ def evaluate(run: setup.RunSetup, state, eval_step, *, ten_crop: bool,
   for batch in data.eval_batches(run.config, ten_crop=ten_crop, bad_images=bad_images,
                                  **run.batch_args()):
     sums = eval_step(state, parallel.global_batch(run.mesh, batch))
+    if totals is not None:
+      # At most two steps in flight: each holds its batch on the device, and with JAX's
+      # asynchronous dispatch a loop faster than the step queued every batch of the set
+      # (measured: 7.2 GB peak RSS on 1,000 images vs 2.4 GB on 100, ten crops of 100).
+      jax.block_until_ready(totals)
     totals = sums if totals is None else jax.tree.map(lambda a, b: a + b, totals, sums)
   totals = jax.device_get(totals)
   count = float(totals["count"])
