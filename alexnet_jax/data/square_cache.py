@@ -30,7 +30,7 @@ from alexnet_jax.data._tf import AUTOTUNE, tf
 from alexnet_jax.data.decode import BadImageLog, centre_squares
 
 _log = logging.getLogger(__name__)
-_VERSION = 1
+_VERSION = 2  # 2: large JPEGs decode at reduced DCT scale (decode.py)
 _LABELS = "labels.npy"  # labels too: the training stream then never opens the originals
 _VALID = "valid.npy"  # written last: its presence marks a complete cache
 
