@@ -113,7 +113,7 @@ def _reference_forward(cfg, params, images):
                             for h in jnp.split(x, towers, axis=-1)], axis=-1)
 
   def pool(x):
-    return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, cfg.pool_window,
+    return jax.lax.reduce_window(x, np.array(-np.inf, dt), jax.lax.max, (1, cfg.pool_window,
                                                             cfg.pool_window, 1),
                                  (1, cfg.pool_stride, cfg.pool_stride, 1), "VALID")
 
@@ -355,3 +355,70 @@ def test_bad_model_config_names_the_field(changes, field):
   with pytest.raises(config_checks.ConfigError) as err:
     config_checks.check(_variant(**changes))
   assert str(err.value).startswith(f"config.{field}:")
+
+
+# Each layer's geometry (kernel, stride, padding, input side) at few channels.
+_CONV_GEOMETRY = {"conv1": (11, 4, (2, 1), 35), "conv2": (5, 1, (2, 2), 13),
+                  "conv3": (3, 1, (1, 1), 9), "conv4": (3, 1, (1, 1), 9),
+                  "conv5": (3, 1, (1, 1), 9)}
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("layer", list(_CONV_GEOMETRY))
+def test_conv_and_its_gradients_equal_xlas_convolution(layer, dtype):
+  """model.conv (conv1's kernel gradient is our im2col + matmul on CPU) against
+  lax.conv_general_dilated and its own autodiff: values and both gradients."""
+  kernel_size, stride, padding, side = _CONV_GEOMETRY[layer]
+  keys = jax.random.split(jax.random.key(7), 4)
+  dt = model_lib.DTYPES[dtype]
+  x = jax.random.normal(keys[0], (3, side, side, 6)).astype(dt)
+  kernel = jax.random.normal(keys[1], (kernel_size, kernel_size, 6, 5)).astype(dt)
+  bias = jax.random.normal(keys[2], (5,)).astype(dt)
+  y_shape = jax.eval_shape(lambda: model_lib.conv(x, kernel, bias, stride, padding)).shape
+  probe = jax.random.normal(keys[3], y_shape).astype(dt)  # a cotangent with no structure
+
+  def xla(x, kernel, bias):
+    return jax.lax.conv_general_dilated(x, kernel, (stride, stride), (padding, padding),
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC")) + bias
+
+  def ours(x, kernel, bias):
+    return model_lib.conv(x, kernel, bias, stride, padding)
+
+  def value_and_grads(f):
+    y, vjp = jax.vjp(f, x, kernel, bias)
+    return (y, *vjp(probe))
+
+  got = jax.jit(lambda: value_and_grads(ours))()
+  want = jax.jit(lambda: value_and_grads(xla))()
+  # float32: summation order only; bfloat16: our dW is a bf16 matmul, XLA's conv
+  # accumulates differently (a few bf16 roundings of a sum of ~kh*kw*C*B*H*W terms).
+  tol = 1e-5 if dtype == "float32" else 2e-2
+  for name, g, w in zip(("value", "d_input", "d_kernel", "d_bias"), got, want, strict=True):
+    assert g.dtype == w.dtype and g.shape == w.shape, name
+    g, w = np.asarray(g, np.float32), np.asarray(w, np.float32)
+    np.testing.assert_allclose(g, w, rtol=tol, atol=tol * np.abs(w).max(), err_msg=name)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_max_pool_and_its_gradient_equal_reduce_window(dtype):
+  """Our max over strided views, custom VJP, against reduce_window's select_and_scatter:
+  on integer-valued inputs (many ties, as after ReLU) the gradient must go to the same
+  first maximum, so the two agree exactly (routing a tie elsewhere fails this)."""
+  dt = model_lib.DTYPES[dtype]
+  x = jax.random.randint(jax.random.key(0), (2, 13, 13, 4), 0, 3).astype(dt)
+  # Integer cotangents: where windows overlap a position's gradient is a sum, exact
+  # in either order.
+  probe = jax.random.randint(jax.random.key(1), (2, 6, 6, 4), -3, 4).astype(dt)
+
+  def xla(x):
+    return jax.lax.reduce_window(x, np.array(-np.inf, dt), jax.lax.max, (1, 3, 3, 1), (1, 2, 2, 1),
+                                 "VALID")
+
+  def value_and_grad(f):
+    y, vjp = jax.vjp(f, x)
+    return y, vjp(probe)[0]
+
+  got = jax.jit(lambda: value_and_grad(lambda x: model_lib.max_pool(x, 3, 2)))()
+  want = jax.jit(lambda: value_and_grad(xla))()
+  for g, w in zip(got, want, strict=True):
+    np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(w, np.float32))
