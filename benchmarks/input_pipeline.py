@@ -306,6 +306,8 @@ def main(argv=None) -> None:
   p.add_argument("--tfds", default=",".join(sources.TFDS_FILE_FORMATS),
                  help="also time the pipeline on the files as a TFDS dataset in these file "
                  "formats (built before timing); empty: none")
+  p.add_argument("--project", default="5000,20000",
+                 help="images/s an accelerator host must be fed: cores needed per pipeline")
   p.add_argument("--readers", type=int, default=1,
                  help="also time each source's record reader alone (no decode)")
   args = p.parse_args(argv)
@@ -404,6 +406,18 @@ def main(argv=None) -> None:
                f"{per_cpu[which, name] / per_cpu[which, 'plain']:.2f}x")
     print(f"| {which} | {name} | {best[which, name]:.0f} | {rounds} | "
           f"{per_cpu[which, name]:.0f} | {ratio} |")
+  targets = [int(t) for t in args.project.split(",") if t]
+  if targets:
+    # CPU-seconds per image are what a bigger host divides among its cores; tf.data's
+    # parallel map scales close to linearly while decode + resize dominate. A projection
+    # from this machine, not a measurement on a bigger one.
+    print(f"\nCores to feed an accelerator (from the best images per CPU-second above; "
+          f"{cores} cores measured, linear scaling assumed):\n")
+    print("| images | pipeline | " + " | ".join(f"cores for {t:,} img/s" for t in targets)
+          + " |")
+    print("|---|---|" + "---|" * len(targets))
+    for (which, name), cpu in per_cpu.items():
+      print(f"| {which} | {name} | " + " | ".join(f"{t / cpu:.1f}" for t in targets) + " |")
   if reads:
     print("\nRecord readers alone (a source's loader over a random order, no decode):\n")
     print("| images | reader | records/s (best round) | all rounds | records per CPU-second "
