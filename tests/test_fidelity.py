@@ -49,7 +49,7 @@ def test_imagenette_preset_deviates_from_the_paper_only_where_documented():
   changed = {k for k in a if a[k] != b[k]}
   assert changed <= {
       "dataset.name", "dataset.image_folder", "model.num_classes", "model.init_weight_std",
-      "model.dropout_style", "input.square_cache", "microbatch_size", "optim.schedule",
+      "input.square_cache", "microbatch_size", "optim.schedule",
       "optim.boundaries_epochs", "num_epochs", "eval_every_steps", "eval_batch_size",
       "checkpoint_every_steps", "log_every_steps", "figures.max_train_images"}, changed
   # The paper's SGD, architecture and augmentation are untouched.

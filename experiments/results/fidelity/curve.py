@@ -68,14 +68,15 @@ def _set(c, key, value):
   node[leaf] = value
 
 
-def evaluate(config, state, mesh, eval_step, ten_crop: bool, max_batches: int = 0):
+def evaluate(run, state, eval_step, ten_crop: bool, max_batches: int = 0):
   from alexnet_jax import data as input_pipeline
   from alexnet_jax import parallel
   sums = None
-  for i, batch in enumerate(input_pipeline.eval_batches(config, ten_crop=ten_crop)):
+  for i, batch in enumerate(input_pipeline.eval_batches(run.config, ten_crop=ten_crop,
+                                                        **run.batch_args())):
     if max_batches and i >= max_batches:
       break
-    out = jax.device_get(eval_step(state, parallel.global_batch(mesh, batch)))
+    out = jax.device_get(eval_step(state, parallel.global_batch(run.mesh, batch)))
     sums = out if sums is None else {k: sums[k] + out[k] for k in out}
   n = float(sums["count"])
   return {"loss": float(sums["loss"]) / n, "top1_error": float(sums["top1_errors"]) / n,
@@ -94,14 +95,14 @@ def main():
 
   from alexnet_jax import data as input_pipeline
   from alexnet_jax import parallel, steps
+  from alexnet_jax.run import setup
   config = load_config(args.config, args.set)
-  mesh = parallel.make_mesh(config)
-  info = input_pipeline.dataset_info(config)
-  spe = input_pipeline.steps_per_epoch(config, info)
-  state = steps.create_train_state(config, mesh)
-  train_step = steps.make_train_step(config, mesh, spe)
-  eval_step = steps.make_eval_step(config, mesh)
-  batches = input_pipeline.train_batches(config)
+  run = setup.build(config)  # validates the config; mesh, layout, schedule, statistics
+  mesh, info, spe = run.mesh, run.info, run.steps_per_epoch
+  state = steps.create_train_state(config, run.layout)
+  train_step = steps.make_train_step(config, run.layout, run.schedule)
+  eval_step = steps.make_eval_step(config, run.layout)
+  batches = input_pipeline.train_batches(config, **run.batch_args())
   eval_at = {int(s) for s in args.eval_at.split(",") if s}
   record = {"config": args.config, "set": args.set, "steps_per_epoch": spe,
             "num_train": info.num_train, "num_eval": info.num_eval, "curve": [], "eval": []}
@@ -129,7 +130,7 @@ def main():
       dump()
       break
     if step in eval_at:
-      e = evaluate(config, state, mesh, eval_step, ten_crop=False,
+      e = evaluate(run, state, eval_step, ten_crop=False,
                    max_batches=args.eval_batches)
       e["step"] = step
       record["eval"].append(e)

@@ -2,14 +2,22 @@
 # The ablation runs of issue 13, one after another (each writes $OUT/NAME.json, .log).
 # From the repo root:  bash experiments/results/fidelity/run_ablations.sh NAME ...
 # Names: paper code paper_std03 code_std01 paper_std03_sat code_inverted
+#        code_paper_lrn code_no_cnorm2 code_paper_bias code_paper_pca code_no_div paper_he
+# (code_*: the 2012 code with one of its differences from the paper switched to the
+# paper's value; paper_he: the paper with a fan-in (He) init, std sqrt(2 / fan_in) per
+# tower for conv2-fc7, zero biases; conv1 and fc8 keep 0.01)
 set -u
 OUT=${OUT:-runs/fid}
 STEPS=${STEPS:-60}
-PY="nice -n 19 ${PYTHON:-.venv/bin/python} experiments/results/fidelity/curve.py"
+PY="${PYTHON:-.venv/bin/python} experiments/results/fidelity/curve.py"
 P=experiments/alexnet.py
 C=experiments/alexnet_2012_code.py
 STD_PAPER='model.init_weight_std=(0.01,0.01,0.01,0.01,0.01,0.01,0.01,0.01)'
 STD_CODE='model.init_weight_std=(0.01,0.01,0.03,0.03,0.03,0.01,0.01,0.01)'
+# fan-ins per tower: conv2 5*5*48, conv3 3*3*256 (exchange), conv4/5 3*3*192, fc6 6*6*256
+# (exchange), fc7 4096 (exchange)
+STD_HE='model.init_weight_std=(0.01,0.0408,0.0295,0.0340,0.0340,0.0147,0.0221,0.01)'
+BIAS_ZERO='model.init_bias=(0.0,0.0,0.0,0.0,0.0,0.0,0.0,0.0)'
 mkdir -p "$OUT"
 run() {  # name config [--set ...]
   local name=$1 cfg=$2; shift 2
@@ -26,6 +34,14 @@ for NAME in "$@"; do
     paper_std03_sat) run $NAME $P --set "$STD_CODE" \
         --set model.dropout_style=scale_at_test ;;                 # + the paper's test-time 0.5
     code_inverted) run $NAME $C --set model.dropout_style=inverted ;;
+    code_paper_lrn) run $NAME $C --set model.lrn.alpha_over_n=False \
+        --set model.lrn.before_relu_in_conv1=False ;;             # paper's alpha, after ReLU
+    code_no_cnorm2) run $NAME $C --set model.cnorm2.enabled=False ;;
+    code_paper_bias) run $NAME $C --set optim.bias_weight_decay=True \
+        --set optim.bias_lr_multiplier=1.0 ;;                      # decay on, 1x rate
+    code_paper_pca) run $NAME $C --set input.pca_scale=eigenvalues ;;
+    code_no_div) run $NAME $C --set input.train_divisor=1.0 ;;
+    paper_he) run $NAME $P --set "$STD_HE" --set "$BIAS_ZERO" ;;
     *) echo "unknown $NAME"; exit 2 ;;
   esac
 done
