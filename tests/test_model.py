@@ -113,7 +113,7 @@ def _reference_forward(cfg, params, images):
                             for h in jnp.split(x, towers, axis=-1)], axis=-1)
 
   def pool(x):
-    return jax.lax.reduce_window(x, np.array(-np.inf, dt), jax.lax.max, (1, cfg.pool_window,
+    return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, cfg.pool_window,
                                                             cfg.pool_window, 1),
                                  (1, cfg.pool_stride, cfg.pool_stride, 1), "VALID")
 
