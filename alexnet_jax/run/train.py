@@ -142,10 +142,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       if start == 0:
         writer.write_hparams({k: str(v) if isinstance(v, (tuple, list)) else v for k, v in
                               traverse_util.flatten_dict(config.to_dict(), sep=".").items()})
-      state, result = _train(run, state, start, ckpt, writer, workdir)
+      eval_step = steps.make_eval_step(config, run.layout)  # for the loop and the end
+      state, result = _train(run, state, start, ckpt, writer, workdir, eval_step)
       if "stopped_at_step" in result:
         return result
-      result = _final_evaluation(run, state, result, writer)
+      result = _final_evaluation(run, state, result, writer, eval_step)
     writer.close()
     if is_lead:
       _write_json(final_path, result)
@@ -154,11 +155,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     ckpt.close()
 
 
-def _train(run: setup.RunSetup, state, start: int, ckpt, writer, workdir: str):
+def _train(run: setup.RunSetup, state, start: int, ckpt, writer, workdir: str, eval_step):
   """The loop from `start` to the last step. Returns (state, last evaluation or a stop)."""
   config, mesh = run.config, run.mesh
   train_step = steps.make_train_step(config, run.layout, run.schedule)
-  eval_step = steps.make_eval_step(config, run.layout)
   bad_images = data.BadImageLog(on_bad_image=config.input.on_bad_image)
 
   def stream(state):
@@ -173,8 +173,11 @@ def _train(run: setup.RunSetup, state, start: int, ckpt, writer, workdir: str):
                run.steps_per_epoch, dict(mesh.shape), start)
 
   def make_hooks():  # clu's actions count steps forward: new ones after a rollback
+    # Reports only on logging steps, which are read back first (no time-based reports
+    # at steps that may still be queued).
     hooks = [periodic_actions.ReportProgress(num_train_steps=run.num_train_steps,
-                                             every_steps=config.log_every_steps)]
+                                             every_steps=config.log_every_steps,
+                                             every_secs=None)]
     if config.profile_steps and jax.process_index() == 0:
       first, last = config.profile_steps
       hooks.append(periodic_actions.Profile(
@@ -229,12 +232,14 @@ def _train(run: setup.RunSetup, state, start: int, ckpt, writer, workdir: str):
         step += 1
         window["steps"] += 1
         pending.append((step - 1, metrics))
-        for hook in hooks:
-          hook(step)
-
         last = step == run.num_train_steps
         if step % config.log_every_steps == 0 or last:
           flush_metrics(step)
+        # After the read-back: with asynchronous dispatch a step is only queued when
+        # train_step returns, and ReportProgress would time the queueing (it printed
+        # "23 steps/s, ETA 0m" for 0.17 steps/s).
+        for hook in hooks:
+          hook(step)
         eval_metrics = None
         if step % config.eval_every_steps == 0 or last:
           flush_metrics(step)
@@ -289,12 +294,11 @@ def _train(run: setup.RunSetup, state, start: int, ckpt, writer, workdir: str):
   return state, {"step": step, **result}
 
 
-def _final_evaluation(run: setup.RunSetup, state, result: dict[str, Any], writer):
+def _final_evaluation(run: setup.RunSetup, state, result: dict[str, Any], writer, eval_step):
   """Completes the final metrics: centre crop (if the loop did not just compute it, e.g.
   a rerun after a stop during the last evaluation) and ten crops."""
   config = run.config
   step = int(jax.device_get(state.step))
-  eval_step = steps.make_eval_step(config, run.layout)
   if "top1_error" not in result:
     result = {"step": step, **evaluate.evaluate(run, state, eval_step, ten_crop=False)}
   if config.eval_ten_crop:
