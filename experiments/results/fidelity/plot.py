@@ -17,12 +17,20 @@ import shutil
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-LABELS = {
-    "paper": "alexnet.py (paper)",
+LABELS = {  # session 3's runs (alexnet.py then had inverted dropout) and session 4's
+    "paper_std03": "paper (inverted dropout) + conv3-5 std 0.03",
+    "paper_std03_sat": "paper + conv3-5 std 0.03 (= imagenette.py's start)",
+    "paper": "alexnet.py (paper: std 0.01, scale-at-test dropout)",
+    "paper_he": "paper with He init in conv2-fc7 (conv1, fc8 0.01), zero biases",
+    "paper_fanin": "paper with a variance-preserving init from the pixels on, zero biases",
+    "paper_fanin_warmup": "the same with the rate warmed up over 33 steps",
     "code": "alexnet_2012_code.py",
-    "paper_std03": "paper + conv3-5 std 0.03",
-    "paper_std03_sat": "paper + std 0.03 + scale-at-test dropout",
-    "code_std01": "2012 code with std 0.01",
+    "code_std01": "2012 code with the paper's std 0.01",
+    "code_paper_lrn": "2012 code with the paper's LRN (alpha, after ReLU)",
+    "code_no_cnorm2": "2012 code without cnorm2",
+    "code_paper_bias": "2012 code with the paper's bias rate and decay",
+    "code_no_div": "2012 code without the /1.1 divisor",
+    "code_paper_pca": "2012 code with the paper's PCA scale",
     "code_inverted": "2012 code with inverted dropout",
 }
 
@@ -65,23 +73,21 @@ def main():
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+  fig, axes = plt.subplots(1, 2, figsize=(13, 4.8), sharey=True)
   for name, r in runs.items():
     losses = [c["loss"] for c in r["curve"]]
     steps = [c["step"] for c in r["curve"]]
     smooth = [sum(losses[max(0, i - 4):i + 1]) / len(losses[max(0, i - 4):i + 1])
               for i in range(len(losses))]
-    for ax in axes:
-      ax.plot(steps, smooth, label=LABELS[name])
-  for ax in axes:
+    axes[0 if name.startswith("paper") else 1].plot(steps, smooth, label=LABELS[name])
+  for ax, title in zip(axes, ("the paper's preset, changed one way", "the 2012 code's preset, "
+                              "one difference switched to the paper's")):
     ax.axhline(math.log(10), color="k", ls=":", lw=1, label="ln 10")
     ax.set_xlabel("step (batch 128)")
-    ax.set_ylabel("training loss (5-step mean)")
-  axes[0].set_yscale("log")
-  axes[0].set_title("all (log scale)")
-  axes[1].set_ylim(1.8, 2.6)
-  axes[1].set_title("near ln 10")
-  axes[1].legend(fontsize=8)
+    ax.set_yscale("log")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=7)
+  axes[0].set_ylabel("training loss (5-step mean)")
   fig.tight_layout()
   fig.savefig(os.path.join(HERE, "curves.png"), dpi=110)
 

@@ -5,7 +5,10 @@
 #        code_paper_lrn code_no_cnorm2 code_paper_bias code_paper_pca code_no_div paper_he
 # (code_*: the 2012 code with one of its differences from the paper switched to the
 # paper's value; paper_he: the paper with a fan-in (He) init, std sqrt(2 / fan_in) per
-# tower for conv2-fc7, zero biases; conv1 and fc8 keep 0.01)
+# tower for conv2-fc7, zero biases; conv1 and fc8 keep 0.01; paper_fanin: variance
+# preserving from the pixels on: conv1 std 1 / sqrt(fan_in * 60^2) (mean-subtracted
+# pixels have std ~60 on the 0-255 scale), He for conv2-fc7, fc8 1 / sqrt(fan_in), zero
+# biases)
 set -u
 OUT=${OUT:-runs/fid}
 STEPS=${STEPS:-60}
@@ -17,6 +20,7 @@ STD_CODE='model.init_weight_std=(0.01,0.01,0.03,0.03,0.03,0.01,0.01,0.01)'
 # fan-ins per tower: conv2 5*5*48, conv3 3*3*256 (exchange), conv4/5 3*3*192, fc6 6*6*256
 # (exchange), fc7 4096 (exchange)
 STD_HE='model.init_weight_std=(0.01,0.0408,0.0295,0.0340,0.0340,0.0147,0.0221,0.01)'
+STD_FANIN='model.init_weight_std=(0.00087,0.0408,0.0295,0.0340,0.0340,0.0147,0.0221,0.0156)'
 BIAS_ZERO='model.init_bias=(0.0,0.0,0.0,0.0,0.0,0.0,0.0,0.0)'
 mkdir -p "$OUT"
 run() {  # name config [--set ...]
@@ -42,6 +46,9 @@ for NAME in "$@"; do
     code_paper_pca) run $NAME $C --set input.pca_scale=eigenvalues ;;
     code_no_div) run $NAME $C --set input.train_divisor=1.0 ;;
     paper_he) run $NAME $P --set "$STD_HE" --set "$BIAS_ZERO" ;;
+    paper_fanin) run $NAME $P --set "$STD_FANIN" --set "$BIAS_ZERO" ;;
+    paper_fanin_warmup) run $NAME $P --set "$STD_FANIN" --set "$BIAS_ZERO" \
+        --set optim.warmup_epochs=0.5 ;;                           # lr 0 -> 0.01 over 33 steps
     *) echo "unknown $NAME"; exit 2 ;;
   esac
 done
