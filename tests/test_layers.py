@@ -16,7 +16,8 @@ PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "alexnet_jax"
 LAYERS = {
     "core": ("alexnet_jax.model", "alexnet_jax.optim", "alexnet_jax.parallel",
              "alexnet_jax.steps", "alexnet_jax.checkpoint", "alexnet_jax.lock",
-             "alexnet_jax.config_checks", "alexnet_jax.config_files", "alexnet_jax.data"),
+             "alexnet_jax.config_checks", "alexnet_jax.config_files", "alexnet_jax.data",
+             "alexnet_jax.fileio"),
     "run setup": ("alexnet_jax.run.setup",),
     "run": ("alexnet_jax.run.train", "alexnet_jax.run.evaluate"),
     # data.prepare (the TFDS build command) is data's own: sources share its names.
