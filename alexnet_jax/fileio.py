@@ -17,7 +17,8 @@ import io
 import json
 import os
 import uuid
-from typing import Any
+from collections.abc import Callable
+from typing import Any, BinaryIO
 
 import numpy as np
 from etils import epath
@@ -60,11 +61,15 @@ def write_json(target: PathLike, value: Any) -> None:
   write_text(target, json.dumps(value, indent=2) + "\n")
 
 
-def write_npz(target: PathLike, **arrays: Any) -> None:
-  """np.savez to `target` atomically (the archive is built in memory first)."""
+def write_with(target: PathLike, save: Callable[[BinaryIO], Any]) -> None:
+  """`save(file)` (e.g. a figure's savefig) into memory, then to `target` atomically."""
   buffer = io.BytesIO()
-  np.savez(buffer, **arrays)
+  save(buffer)
   write_bytes(target, buffer.getvalue())
+
+
+def write_npz(target: PathLike, **arrays: Any) -> None:
+  write_with(target, lambda f: np.savez(f, **arrays))
 
 
 def read_json(source: PathLike) -> Any:

@@ -43,6 +43,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from alexnet_jax import fileio
 from alexnet_jax.data import demo
 from alexnet_jax.data._tf import tf
 from alexnet_jax.data.prepare import IMAGENET_TARS, PREPARE_COMMAND, TFDS_FILE_FORMATS
@@ -405,16 +406,13 @@ class _TfRecordReader(_RecordReader):
     # A rebuilt dataset may reuse the paths (and even sizes); mtime tells it apart.
     stamp = [(os.path.realpath(p), os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in paths]
     key = hashlib.sha1(json.dumps([_INDEX_VERSION, stamp]).encode()).hexdigest()[:16]
-    cache = os.path.join(cache_dir, "tfrecord_index", f"{key}.npz")
-    if os.path.exists(cache):
-      with np.load(cache) as z:
-        shard, start = z["shard"], z["start"]
+    cache = fileio.path(cache_dir) / "tfrecord_index" / f"{key}.npz"
+    if cache.exists():
+      z = fileio.read_npz(cache)
+      shard, start = z["shard"], z["start"]
     else:
       shard, start = _scan_tfrecords(paths)
-      os.makedirs(os.path.dirname(cache), exist_ok=True)
-      tmp = f"{cache}.{os.getpid()}.tmp.npz"
-      np.savez(tmp, shard=shard, start=start)
-      os.replace(tmp, cache)
+      fileio.write_npz(cache, shard=shard, start=start)
     self._n = len(start)
     # Made once, outside any trace: every read in a pipeline's functions (the first try and
     # the substitutes) captures these same tensors instead of copying ~10 bytes a record.

@@ -16,6 +16,8 @@ from collections.abc import Iterable
 
 import numpy as np
 
+from alexnet_jax import fileio
+
 # 2: keyed by the sampled files, not their count; large JPEGs decoded at reduced scale.
 _CACHE_VERSION = 2
 
@@ -104,21 +106,18 @@ def cache_path(cache_dir: str, identity: str, split: str, sample: str, resize_si
   key = json.dumps([_CACHE_VERSION, identity, split, sample, resize_size, antialias])
   digest = hashlib.sha1(key.encode()).hexdigest()[:16]
   safe = "".join(c if c.isalnum() else "_" for c in identity.split(":")[0])
-  return os.path.join(os.path.expanduser(cache_dir), "stats", f"{safe}-{digest}.npz")
+  return os.fspath(fileio.path(cache_dir) / "stats" / f"{safe}-{digest}.npz")
 
 
 def load(path: str) -> Stats | None:
-  if not os.path.exists(path):
+  if not fileio.path(path).exists():
     return None
-  with np.load(path) as z:
-    return Stats(mean_image=z["mean_image"], mean_rgb=z["mean_rgb"], eigvals=z["eigvals"],
-                 eigvecs=z["eigvecs"], num_images=int(z["num_images"]))
+  z = fileio.read_npz(path)
+  return Stats(mean_image=z["mean_image"], mean_rgb=z["mean_rgb"], eigvals=z["eigvals"],
+               eigvecs=z["eigvecs"], num_images=int(z["num_images"]))
 
 
 def save(path: str, s: Stats, key_description: str) -> None:
-  """Writes atomically (temp file, then rename): concurrent processes may race here."""
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  tmp = f"{path}.{os.getpid()}.tmp.npz"
-  np.savez(tmp, mean_image=s.mean_image, mean_rgb=s.mean_rgb, eigvals=s.eigvals,
-           eigvecs=s.eigvecs, num_images=s.num_images, key=key_description)
-  os.replace(tmp, path)
+  """Writes atomically (fileio): concurrent processes may race here."""
+  fileio.write_npz(path, mean_image=s.mean_image, mean_rgb=s.mean_rgb, eigvals=s.eigvals,
+                   eigvecs=s.eigvecs, num_images=s.num_images, key=key_description)

@@ -18,7 +18,6 @@ statistics it started with even if the dataset's cache changes.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Any
 
@@ -26,7 +25,7 @@ import jax
 import ml_collections
 from jax.sharding import Mesh
 
-from alexnet_jax import config_checks, data, optim, parallel, steps
+from alexnet_jax import config_checks, data, fileio, optim, parallel, steps
 from alexnet_jax.data import stats as stats_lib
 
 DATASET_FILE = "dataset.json"
@@ -97,11 +96,11 @@ def record(run: RunSetup, workdir: str) -> None:
   """Writes the class names and input statistics into `workdir` (once; process 0)."""
   if jax.process_index() != 0 or read_record(workdir) is not None:
     return
-  os.makedirs(workdir, exist_ok=True)
+  workdir = fileio.path(workdir)
   if run.stats is not None:
-    stats_lib.save(os.path.join(workdir, STATS_FILE), run.stats,
+    stats_lib.save(os.fspath(workdir / STATS_FILE), run.stats,
                    f"the statistics this run's pipeline used ({run.config.dataset.name})")
-  _atomic_write_json(os.path.join(workdir, DATASET_FILE), {
+  fileio.write_json(workdir / DATASET_FILE, {
       "dataset": run.config.dataset.name, "class_names": list(run.class_names),
       "num_train": run.info.num_train, "num_eval": run.info.num_eval,
       "input_stats": STATS_FILE if run.stats is not None else None})
@@ -109,25 +108,17 @@ def record(run: RunSetup, workdir: str) -> None:
 
 def read_record(workdir: str | None) -> tuple[list[str], stats_lib.Stats | None] | None:
   """(class names, statistics or None) recorded in `workdir`, or None if not recorded."""
-  if not workdir or not os.path.isfile(os.path.join(workdir, DATASET_FILE)):
+  if not workdir or not (fileio.path(workdir) / DATASET_FILE).is_file():
     return None
-  with open(os.path.join(workdir, DATASET_FILE)) as f:
-    meta = json.load(f)
+  meta = fileio.read_json(fileio.path(workdir) / DATASET_FILE)
   stats = None
   if meta.get("input_stats"):
-    path = os.path.join(workdir, meta["input_stats"])
+    path = os.fspath(fileio.path(workdir) / meta["input_stats"])
     stats = stats_lib.load(path)
     if stats is None:
       raise FileNotFoundError(f"{path} is missing or unreadable, but {DATASET_FILE} says the "
                               "run used it; copy the whole workdir")
   return meta["class_names"], stats
-
-
-def _atomic_write_json(path: str, value: Any) -> None:
-  tmp = f"{path}.tmp.{os.getpid()}"
-  with open(tmp, "w") as f:
-    json.dump(value, f, indent=2)
-  os.replace(tmp, path)
 
 
 def _first_difference(a, b) -> str:

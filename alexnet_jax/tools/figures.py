@@ -23,7 +23,6 @@ PIL at their exact pixel size.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -31,6 +30,8 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+
+from alexnet_jax import fileio
 
 _log = logging.getLogger(__name__)
 
@@ -140,16 +141,12 @@ def conv1_kernels(params: dict[str, Any], path: str, *,
 
   kernels = np.asarray(params["conv1"]["kernel"], np.float32)
   image, _ = kernel_grid(kernels)
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  Image.fromarray(image).save(path)
+  fileio.write_with(path, lambda f: Image.fromarray(image).save(f, format="PNG"))
   per_kernel = colour_specificity(kernels)
   result: dict[str, Any] = {f"tower_{t + 1}": float(per_kernel[t].mean())
                             for t in range(per_kernel.shape[0])}
   result["definition"] = COLOUR_DEFINITION
-  json_path = json_path or os.path.join(os.path.dirname(os.path.abspath(path)),
-                                        "conv1_colour.json")
-  with open(json_path, "w") as f:
-    json.dump(result, f, indent=2)
+  fileio.write_json(json_path or fileio.path(path).parent / "conv1_colour.json", result)
   return result
 
 
@@ -302,8 +299,7 @@ def _draw_neighbours(result: dict[str, Any], q_images: np.ndarray, n_images: np.
   fig.text(sum(ratios[:3]) / sum(ratios), 1 - 0.05 / (side * rows + 0.5),
            f"query, then its {k} nearest training images in fc7 (Euclidean distance above)",
            va="top", fontsize=9)
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  fig.savefig(path)
+  fileio.write_with(path, lambda f: fig.savefig(f, format="png"))
 
 
 # ------------------------------------------------------------------ curves
@@ -388,10 +384,9 @@ def training_curves(workdir: str, path: str) -> dict[str, tuple[np.ndarray, np.n
       ax.legend(fontsize=8)
     else:
       ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes)
-  fig.suptitle(os.path.basename(os.path.abspath(workdir)))
+  fig.suptitle(fileio.path(workdir).name)
   fig.tight_layout()
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  fig.savefig(path)
+  fileio.write_with(path, lambda f: fig.savefig(f, format="png"))
   return curves
 
 
@@ -442,8 +437,7 @@ def write_all(config, workdir: str, *, run=None, state=None, step: int | None = 
   run = run or setup.build(config, workdir, mode="eval")
   if state is None:
     state = evaluate.restore(run, workdir, step)
-  out_dir = os.path.join(workdir, FIGURES_DIR)
-  os.makedirs(out_dir, exist_ok=True)
+  out_dir = os.fspath(fileio.path(workdir) / FIGURES_DIR)
   written = []
 
   path = os.path.join(out_dir, "conv1_kernels.png")
@@ -467,8 +461,7 @@ def write_all(config, workdir: str, *, run=None, state=None, step: int | None = 
         path, int(_knob(config, "num_neighbours", num_neighbours, DEFAULT_NUM_NEIGHBOURS)),
         query_labels=list(eval_labels[q_idx]))
     json_path = os.path.join(out_dir, "neighbours.json")
-    with open(json_path, "w") as f:
-      json.dump({"num_train_searched": len(t_idx), **result}, f, indent=2)
+    fileio.write_json(json_path, {"num_train_searched": len(t_idx), **result})
     written += [path, json_path]
   else:
     _log.warning("Figure 4 skipped: dataset %r has no image files to show (use the demo "
