@@ -125,6 +125,14 @@ def run(mode: str, config: ml_collections.ConfigDict, workdir: str | None, *,
     elif mode == "eval":
       evaluate.run_eval(config, workdir, step)
     elif mode == "predict":
+      if jax.process_count() > 1:
+        # Each process would print the whole output, and with the mesh's data axis across
+        # processes fetching the predictions fails (arrays spanning non-addressable
+        # devices). A few images gain nothing from more hosts: one process it is.
+        print(f"error: --mode=predict runs in one process, not {jax.process_count()}: start "
+              "it once, without --coordinator_address/--num_processes (or the JAX_* "
+              "variables); it needs only the workdir", file=sys.stderr)
+        return 2
       if not images:
         print("error: --mode=predict needs --images=a.jpg,b.jpg", file=sys.stderr)
         return 2

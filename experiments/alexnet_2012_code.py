@@ -11,7 +11,11 @@ as written), each a config field:
 - weight std 0.03 in conv3-5;
 - no weight decay on biases and a 2x bias learning rate;
 - the logged schedule: /10 at epochs 25 and 51, stop at 91;
-- PCA jitter scaled by the eigenvalues' square roots, training images / 1.1.
+- PCA jitter scaled by the eigenvalues' square roots, training images / 1.1
+  (after the jitter). Evaluation and prediction inputs are not divided: the
+  2012 code divides by 1 + its colour-noise scale only when
+  `color_noise > 0 and not self.test` (convdata_jpeg.py lines 155-179), so
+  its test and multiview crops keep the undivided scale.
 
 Dropout is the same in both (drop at training time, halve the outputs at test
 time: the paper's section 4.2, and what this code ran).
@@ -43,6 +47,7 @@ def get_config(variant: str = ""):
   c.optim.boundaries_epochs = (25.0, 51.0)
   c.num_epochs = 91.0
   c.input.pca_scale = "sqrt"
+  # Training inputs only (1 + the 0.1 colour noise; convdata_jpeg.py:155-179).
   c.input.train_divisor = 1.1
   if variant == "smoke":
     alexnet.apply_smoke(c)

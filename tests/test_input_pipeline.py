@@ -215,6 +215,26 @@ def test_train_divisor_and_pca_applied(tmp_path):
   assert np.abs(rg[:, 0]).max() > 0.1  # jitter on by default
 
 
+def test_train_divisor_scales_training_inputs_only(tmp_path):
+  """The same image, un-augmented, comes out of training 1.1x smaller than out of
+  evaluation and prediction: the 2012 code divides training crops only (its test and
+  multiview path are not divided; see AugmentConfig.train_divisor)."""
+  root = coord_tree(tmp_path / "t")
+  c = make_config(tmp_path, root, stats="published", mean="published", pca_jitter=False,
+                  random_crop=False, flip=False, train_divisor=1.1)
+  c.eval_batch_size = 4
+  train = next(ip.train_batches(c))
+  k = int(round(train["image"][0, 0, 0, 2] * 1.1 + stats_lib.PUBLISHED_MEAN_RGB[2]))
+  path = root / "train" / f"class{k // 8}" / f"{k % 8:03d}.png"  # see coord_tree
+  predict = ip.preprocess_image_files(c, [path])[0]
+  # R and G are the same in every file of the tree (x, y), so eval's image 0 serves too.
+  evaluate = next(ip.eval_batches(c, ten_crop=False))["image"][0]
+  want = (coord_image(k)[16:16 + S, 16:16 + S] - stats_lib.PUBLISHED_MEAN_RGB).astype(np.float32)
+  np.testing.assert_allclose(predict, want, atol=1e-4)
+  np.testing.assert_allclose(evaluate[..., :2], want[..., :2], atol=1e-4)
+  np.testing.assert_allclose(train["image"][0], want / 1.1, atol=1e-4)
+
+
 # ------------------------------------------------------------------ order, resume, shares
 
 

@@ -25,6 +25,13 @@ class AugmentConfig:
   pca_jitter: bool
   pca_std: float
   pca_scale: str  # "eigenvalues" (paper) or "sqrt" (2012 code)
+  # Divides training crops only, after the PCA jitter, as the 2012 code: its data provider
+  # divides by 1 + color_noise (--color-noise, 0.1) when `color_noise > 0 and not
+  # self.test`, so its test and multiview crops are never divided (convdata_jpeg.py lines
+  # 155-179 in computerhistory/AlexNet-Source-Code; the same code in convdata.py's
+  # CroppedImageNetDP.get_next_batch). Its comment: scaling down keeps "the overall scale
+  # of the training data" near the test data's, which the added colour noise widened. It
+  # divides only while the colour noise is on: with pca_jitter off, 1.0 matches it.
   train_divisor: float
   antialias: bool = False  # config.input.resize_antialias, if the config has it
 

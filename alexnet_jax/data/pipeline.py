@@ -170,7 +170,8 @@ def eval_batches(config, *, ten_crop: bool, process_index: int = 0, process_coun
   """One pass over the evaluation split, padded so every process yields the same batches.
 
   Yields {'image': float32 [b, S, S, 3] (centre crop) or [b, 10, S, S, 3] (corners and
-  centre, then their mirrors), 'label': int32 [b], 'mask': bool [b]}, b =
+  centre, then their mirrors; mean-subtracted, not divided by train_divisor, as the 2012
+  code's test crops), 'label': int32 [b], 'mask': bool [b]}, b =
   config.eval_batch_size // process_count. mask is False on padding and on unusable
   files (recorded in `bad_images`); over all processes, mask is True exactly once per
   good example, so num_eval minus the masked-in count is the number of files skipped.
@@ -193,7 +194,8 @@ def eval_batches(config, *, ten_crop: bool, process_index: int = 0, process_coun
 
 def preprocess_image_files(config, paths: Sequence[str], stats: stats_lib.Stats | None = None,
                            bad_images: BadImageLog | None = None) -> np.ndarray:
-  """Image files -> float32 [n, S, S, 3]: centre crop, mean-subtracted, as in evaluation.
+  """Image files -> float32 [n, S, S, 3]: centre crop, mean-subtracted, as in evaluation
+  (so not divided by train_divisor either).
 
   An unusable file raises BadImageError naming it and why; with `bad_images` (a log in
   "skip" mode) it is recorded there instead (`bad_images.reasons[path]`) and its image is
@@ -332,7 +334,7 @@ def train_dataset(config, *, start_step: int = 0, process_index: int = 0,
     if a.pca_jitter:
       off = pca_offset(alpha, stats.eigvals, stats.eigvecs, a.pca_scale)
       x = _add_rgb(x, off, a.crop_size)
-    if a.train_divisor != 1.0:
+    if a.train_divisor != 1.0:  # training only: see AugmentConfig.train_divisor
       x = x / a.train_divisor
     return {"image": x, "label": tf.cast(label, tf.int32)}
 
@@ -615,9 +617,10 @@ def _resilient_batches(make: Callable[[int, bool], tf.data.Dataset], log: BadIma
   unopened) and comes out exactly as an all-careful stream would: the outcome does not
   depend on whether a file was found bad before. An error with no bad file to blame is
   re-raised. first: `make(0, False)`, made by the caller so that a bad argument fails at
-  the call, not at the first batch. Each restart rebuilds the pipeline (seconds), so the careful run doubles
-  with every failure, up to _MAX_CAREFUL_RUN batches: a dataset with many such files is
-  soon read mostly carefully (~0.3 ms more per image) instead of restarting each batch.
+  the call, not at the first batch. Each restart rebuilds the pipeline (seconds), so the
+  careful run doubles with every failure, up to _MAX_CAREFUL_RUN batches: a dataset with
+  many such files is soon read mostly carefully (~0.3 ms more per image) instead of
+  restarting each batch.
   """
   k, run = 0, 1
   while True:
