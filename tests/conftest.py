@@ -36,3 +36,57 @@ def shared_data():
   if not os.path.isdir(path):
     pytest.skip(f"no shared data at {path}: real-JPEG checks skipped")
   return path
+
+
+# ------------------------------------------------------------------ shared tiny runs
+# Most end-to-end tests need the same few things: the smoke demo data (and its input
+# statistics) and one finished tiny run to resume, evaluate, damage or rerun. They are
+# made once per session (per xdist worker) and tests copy the run before changing it.
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMOKE_STEPS = 4  # the shared run: evaluated and checkpointed at steps 2 and 4
+
+
+def smoke_config(cache_dir: str, **overrides):
+  """experiments/alexnet.py:smoke on one device, as the shared run was trained."""
+  from experiments import alexnet
+
+  config = alexnet.get_config("smoke")
+  config.update_from_flattened_dict({
+      "dataset.cache_dir": cache_dir, "num_train_steps": SMOKE_STEPS, "eval_every_steps": 2,
+      "checkpoint_every_steps": 2, "keep_checkpoints": 3, "mesh.data": 1, "mesh.model": 1,
+      **overrides})
+  return config
+
+
+def smoke_flags(cache_dir: str, **overrides) -> list[str]:
+  """The same run as main.py flags (a fresh process fakes as many devices as it is told)."""
+  base = {"dataset.cache_dir": cache_dir, "num_train_steps": SMOKE_STEPS,
+          "eval_every_steps": 2, "checkpoint_every_steps": 2, "keep_checkpoints": 3}
+  return ([f"--config={ROOT}/experiments/alexnet.py:smoke"]
+          + [f"--config.{k}={v}" for k, v in {**base, **overrides}.items()])
+
+
+@pytest.fixture(scope="session")
+def smoke_cache(tmp_path_factory) -> str:
+  """A dataset cache shared by the session: the demo data and statistics are made once."""
+  return str(tmp_path_factory.mktemp("smoke_cache"))
+
+
+@pytest.fixture(scope="session")
+def finished_run(tmp_path_factory, smoke_cache) -> str:
+  """A finished smoke run (4 steps, checkpoints and centre-crop evaluations at 2 and 4,
+  ten-crop final metrics), trained in this process. Read it, or copy it (`run_copy`)
+  before changing anything."""
+  from alexnet_jax import cli
+
+  workdir = str(tmp_path_factory.mktemp("finished") / "run")
+  assert cli.run("train", smoke_config(smoke_cache), workdir) == 0
+  return workdir
+
+
+@pytest.fixture
+def run_copy(finished_run, tmp_path) -> str:
+  workdir = str(tmp_path / "run")
+  shutil.copytree(finished_run, workdir)
+  return workdir

@@ -1,15 +1,18 @@
 """Fault injection on the real program: each ordinary fault of a long run, survived.
 
-Every test runs `main.py` in a subprocess on the tiny smoke config and checks what a
-user would see (one clear line, the exit status) and what must not be lost (checkpoints,
-final metrics, configs). Bad input files: tests/test_faults_data.py; checkpoint
-corruption, disk full and the lock at the library level: tests/test_checkpoint.py.
+Each test checks what a user would see (one clear line, the exit status) and what must
+not be lost (checkpoints, final metrics, configs) on the tiny smoke config. Where the
+process is the point (signals, a second process holding the workdir, flag parsing,
+jax.distributed) the test runs `main.py` in a fresh process; elsewhere it calls the
+same `cli.run` that main.py calls, in this process (no second import of TF and JAX).
+Bad input files: tests/test_faults_data.py; checkpoint corruption, disk full and the
+lock at the library level: tests/test_checkpoint.py.
 """
 
 import glob
 import json
 import os
-import shutil
+import re
 import signal
 import socket
 import subprocess
@@ -20,23 +23,11 @@ import jax
 import numpy as np
 import pytest
 
-from alexnet_jax import checkpoint, parallel, steps
+from alexnet_jax import checkpoint, cli, parallel, steps
+from conftest import ROOT, SMOKE_STEPS, smoke_config, smoke_flags
 from experiments import alexnet
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STEPS = 4  # the shared run: checkpoints at 2 and 4
-
-
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-  return str(tmp_path_factory.mktemp("cache"))
-
-
-def _flags(cache_dir, **overrides):
-  base = {"dataset.cache_dir": cache_dir, "num_train_steps": STEPS, "eval_every_steps": 2,
-          "checkpoint_every_steps": 2, "keep_checkpoints": 3}
-  return ([f"--config={ROOT}/experiments/alexnet.py:smoke"]
-          + [f"--config.{k}={v}" for k, v in {**base, **overrides}.items()])
+STEPS = SMOKE_STEPS
 
 
 def _env(devices=1):
@@ -44,10 +35,34 @@ def _env(devices=1):
               JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
 
 
-def _main(workdir, flags, mode="train", extra=(), devices=1):
+def _main(workdir, flags, mode="train", extra=()):
+  """main.py in a fresh process: where flag parsing or the process itself is tested."""
   cmd = [sys.executable, os.path.join(ROOT, "main.py"), f"--workdir={workdir}",
          f"--mode={mode}", *flags, *extra]
-  return subprocess.run(cmd, env=_env(devices), capture_output=True, text=True, timeout=300)
+  return subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+
+
+class _Out:
+  """What a run showed the user: its exit status and its stderr (messages and logs)."""
+
+  def __init__(self, returncode: int, stderr: str):
+    self.returncode, self.stderr = returncode, stderr
+
+
+@pytest.fixture
+def run(smoke_cache, capsys, caplog):
+  """cli.run (what main.py calls) in this process on the smoke config -> _Out."""
+  caplog.set_level("INFO")
+
+  def run(workdir, mode="train", *, allow_config_changes=False, step=None, images=(),
+          **overrides):
+    capsys.readouterr()
+    caplog.clear()
+    code = cli.run(mode, smoke_config(smoke_cache, **overrides), workdir, step=step,
+                   images=images, allow_config_changes=allow_config_changes)
+    return _Out(code, capsys.readouterr().err + caplog.text)
+
+  return run
 
 
 def _one_line_error(out) -> str:
@@ -76,36 +91,18 @@ def _state(workdir, step=None):
     ckpt.close()
 
 
-@pytest.fixture(scope="module")
-def finished(tmp_path_factory, cache_dir):
-  """A finished smoke run (4 steps); tests copy it before changing anything."""
-  workdir = str(tmp_path_factory.mktemp("finished") / "run")
-  out = _main(workdir, _flags(cache_dir))
-  assert out.returncode == 0, out.stderr[-3000:]
-  return workdir
-
-
-@pytest.fixture
-def run_copy(finished, tmp_path):
-  workdir = str(tmp_path / "run")
-  shutil.copytree(finished, workdir)
-  return workdir
-
-
 # ------------------------------------------------------------------ non-finite
 
 
-def test_nonfinite_halts_naming_a_finite_checkpoint_and_rollback_skips_batches(
-    run_copy, cache_dir):
+def test_nonfinite_halts_naming_a_finite_checkpoint_and_rollback_skips_batches(run_copy, run):
   """A spike after step 4 (the rate raised 1e30-fold on resume, which is allowed): the
   halt names step 4, which really is finite, and nothing non-finite is ever saved."""
-  spike = _flags(cache_dir, num_train_steps=8, **{"optim.learning_rate": 1e28})
-  line = _one_line_error(_main(run_copy, spike))
+  spike = {"num_train_steps": 8, "optim.learning_rate": 1e28}
+  line = _one_line_error(run(run_copy, **spike))
   assert "step 5: not finite" in line and "last finite checkpoint (step 4)" in line
   assert sorted(int(os.path.basename(p)) for p in glob.glob(f"{run_copy}/checkpoints/*")
                 if os.path.basename(p).isdigit()) == [2, 4]
-  out = _main(run_copy, spike + ["--config.on_nonfinite=rollback",
-                                 "--config.nonfinite_max_rollbacks=2"])
+  out = run(run_copy, **spike, on_nonfinite="rollback", nonfinite_max_rollbacks=2)
   line = _one_line_error(out)
   assert "Gave up after 2 rollbacks" in line
   # Each rollback restored step 4 and skipped the batch of the bad step: positions 4, 5.
@@ -116,30 +113,29 @@ def test_nonfinite_halts_naming_a_finite_checkpoint_and_rollback_skips_batches(
   assert all(np.isfinite(x).all() for x in jax.tree.leaves((state.params, state.opt_state)))
 
 
-def test_nonfinite_before_any_checkpoint_says_so(tmp_path, cache_dir):
-  line = _one_line_error(_main(str(tmp_path / "run"), _flags(
-      cache_dir, **{"optim.learning_rate": 1e28})))
+def test_nonfinite_before_any_checkpoint_says_so(tmp_path, run):
+  line = _one_line_error(run(str(tmp_path / "run"), **{"optim.learning_rate": 1e28}))
   assert "step 1: not finite" in line and "no checkpoint was saved yet" in line
 
 
 # ------------------------------------------------------------------ finishing twice
 
 
-def test_rerunning_a_finished_run_changes_nothing(run_copy, cache_dir):
+def test_rerunning_a_finished_run_changes_nothing(run_copy, run):
   before = _tree(run_copy)
-  out = _main(run_copy, _flags(cache_dir))
+  out = run(run_copy)
   assert out.returncode == 0, out.stderr[-3000:]
   assert "already finished" in out.stderr
   assert _tree(run_copy) == before
 
 
-def test_a_run_killed_during_its_final_evaluation_completes_it_on_rerun(run_copy, cache_dir):
+def test_a_run_killed_during_its_final_evaluation_completes_it_on_rerun(run_copy, run):
   """Killed during the last evaluations, final_metrics.json was never written: the
   rerun evaluates the last checkpoint (no training step) and writes the same numbers."""
   path = os.path.join(run_copy, "final_metrics.json")
   want = json.load(open(path))
   os.remove(path)
-  out = _main(run_copy, _flags(cache_dir))
+  out = run(run_copy)
   assert out.returncode == 0, out.stderr[-3000:]
   got = json.load(open(path))
   assert got["step"] == STEPS and "ten_crop_top1_error" in got
@@ -151,23 +147,22 @@ def test_a_run_killed_during_its_final_evaluation_completes_it_on_rerun(run_copy
 # ------------------------------------------------------------------ config on resume
 
 
-def test_a_changed_meaning_on_resume_is_refused_unless_allowed(run_copy, cache_dir):
+def test_a_changed_meaning_on_resume_is_refused_unless_allowed(run_copy, run):
   longer = dict(num_train_steps=6)
   before = _tree(run_copy)
-  out = _main(run_copy, _flags(cache_dir, batch_size=16, seed=3, **longer))
+  out = run(run_copy, batch_size=16, seed=3, **longer)
   _one_line_error(out)  # then one indented line per differing field
   message = out.stderr.split("error:")[1]
   assert "batch_size: checkpoint 8 vs config 16" in message and "seed:" in message
   assert "--allow_config_changes" in message
   assert _tree(run_copy) == before  # refused before anything was written
   # The rate may change (the paper lowered it by hand), logged; every config is kept.
-  out = _main(run_copy, _flags(cache_dir, **longer, **{"optim.learning_rate": 0.005}))
+  out = run(run_copy, **longer, **{"optim.learning_rate": 0.005})
   assert out.returncode == 0, out.stderr[-3000:]
   assert "optim.learning_rate" in out.stderr
   assert json.load(open(f"{run_copy}/configs/0.json"))["optim"]["learning_rate"] == 0.01
   assert json.load(open(f"{run_copy}/configs/4.json"))["optim"]["learning_rate"] == 0.005
-  out = _main(run_copy, _flags(cache_dir, batch_size=16, num_train_steps=7),
-              extra=["--allow_config_changes"])
+  out = run(run_copy, allow_config_changes=True, batch_size=16, num_train_steps=7)
   assert out.returncode == 0, out.stderr[-3000:]
   assert json.load(open(f"{run_copy}/configs/6.json"))["batch_size"] == 16
 
@@ -176,22 +171,22 @@ def test_a_changed_meaning_on_resume_is_refused_unless_allowed(run_copy, cache_d
 
 
 def test_a_second_run_on_the_same_workdir_is_refused_and_a_dead_holder_is_taken_over(
-    tmp_path, cache_dir):
+    tmp_path, smoke_cache, run):
   workdir = str(tmp_path / "run")
   first = subprocess.Popen(
       [sys.executable, os.path.join(ROOT, "main.py"), f"--workdir={workdir}",
-       *_flags(cache_dir, num_train_steps=100000, log_every_steps=1)],
+       *smoke_flags(smoke_cache, num_train_steps=100000, log_every_steps=1)],
       env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
   try:
     for line in first.stderr:  # training has started: the lock is held
       if "step 1/" in line:
         break
-    line = _one_line_error(_main(workdir, _flags(cache_dir, num_train_steps=100000)))
+    line = _one_line_error(run(workdir, num_train_steps=100000))
     assert f"pid {first.pid}" in line
   finally:
     first.kill()  # like kill -9: no clean-up, the lock file stays behind
     first.wait()
-  out = _main(workdir, _flags(cache_dir, num_train_steps=2))
+  out = run(workdir, num_train_steps=2)
   assert out.returncode == 0, out.stderr[-3000:]
 
 
@@ -201,23 +196,32 @@ def test_a_second_run_on_the_same_workdir_is_refused_and_a_dead_holder_is_taken_
 @pytest.mark.parametrize("extra,needle", [
     (["--config.batch_sise=8"], "batch_sise"),
     (["--config=experiments/no_such_config.py"], "no_such_config.py"),
-    (["--mode=predict", "--images=/nonexistent.jpg"], "/nonexistent.jpg"),
-    (["--mode=eval", "--step=3"], "step 3"),
-], ids=["misspelt_field", "missing_config", "missing_image", "missing_step"])
-def test_user_errors_are_one_line(finished, cache_dir, extra, needle):
-  before = _tree(finished)
-  flags = _flags(cache_dir)
+], ids=["misspelt_field", "missing_config"])
+def test_flag_errors_are_one_line(finished_run, smoke_cache, extra, needle):
+  """main.py's own flag parsing (before JAX is imported)."""
+  before = _tree(finished_run)
+  flags = smoke_flags(smoke_cache)
   if extra[0].startswith("--config="):  # another config file: it comes before its fields
     flags, extra = extra + flags[1:], []
-  assert needle in _one_line_error(_main(finished, flags, extra=extra))
-  assert _tree(finished) == before
+  assert needle in _one_line_error(_main(finished_run, flags, extra=extra))
+  assert _tree(finished_run) == before
+
+
+@pytest.mark.parametrize("mode,kwargs,needle", [
+    ("predict", {"images": ["/nonexistent.jpg"]}, "/nonexistent.jpg"),
+    ("eval", {"step": 3}, "step 3"),
+], ids=["missing_image", "missing_step"])
+def test_user_errors_are_one_line(finished_run, run, mode, kwargs, needle):
+  before = _tree(finished_run)
+  assert needle in _one_line_error(run(finished_run, mode, **kwargs))
+  assert _tree(finished_run) == before
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_a_signal_before_training_starts_is_one_line(tmp_path, cache_dir, sig):
+def test_a_signal_before_training_starts_is_one_line(tmp_path, smoke_cache, sig):
   proc = subprocess.Popen(
       [sys.executable, os.path.join(ROOT, "main.py"), f"--workdir={tmp_path / 'run'}",
-       *_flags(cache_dir)], env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+       *smoke_flags(smoke_cache)], env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
       text=True)
   time.sleep(1.0)  # importing: long before the training loop
   proc.send_signal(sig)
@@ -232,12 +236,12 @@ def _free_port():
     return s.getsockname()[1]
 
 
-def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path, cache_dir):
+def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path, smoke_cache):
   workdir = str(tmp_path / "run")
   port = _free_port()
-  flags = _flags(cache_dir, num_train_steps=100000, log_every_steps=1,
-                 checkpoint_every_steps=100000, eval_every_steps=100000,
-                 **{"mesh.data": 2, "mesh.model": 1})
+  flags = smoke_flags(smoke_cache, num_train_steps=100000, log_every_steps=1,
+                      checkpoint_every_steps=100000, eval_every_steps=100000,
+                      **{"mesh.data": 2, "mesh.model": 1})
   procs = [subprocess.Popen(
       [sys.executable, os.path.join(ROOT, "main.py"), f"--workdir={workdir}",
        f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}",
@@ -254,7 +258,6 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path, c
     for p in procs:
       p.kill()
   assert codes == [0, 0], logs[0][-2000:] + logs[1][-2000:]
-  saved = [int(s) for log in logs for s in
-           __import__("re").findall(r"received: saved step (\d+)", log)]
+  saved = [int(s) for log in logs for s in re.findall(r"received: saved step (\d+)", log)]
   assert len(saved) == 2 and saved[0] == saved[1], logs
   assert os.path.isdir(f"{workdir}/checkpoints/{saved[0]}")
