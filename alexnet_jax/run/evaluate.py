@@ -8,7 +8,6 @@ step sums over unmasked examples only.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 
@@ -18,7 +17,7 @@ import numpy as np
 from absl import logging
 
 from alexnet_jax import checkpoint as checkpoint_lib
-from alexnet_jax import data, parallel, steps
+from alexnet_jax import data, fileio, parallel, steps
 from alexnet_jax.run import setup
 
 RESOURCES = os.path.join(os.path.dirname(os.path.dirname(__file__)), "resources")
@@ -81,10 +80,8 @@ def run_eval(config: ml_collections.ConfigDict, workdir: str,
       "ten_crop": {k: ten[k] for k in ("top1_error", "top5_error", "loss")},
   }
   if jax.process_index() == 0:
-    os.makedirs(os.path.join(workdir, "eval"), exist_ok=True)
-    path = os.path.join(workdir, "eval", f"{step}.json")
-    with open(path, "w") as f:
-      json.dump(report, f, indent=2)
+    path = fileio.path(workdir) / "eval" / f"{step}.json"
+    fileio.write_json(path, report)
     logging.info("wrote %s", path)
   if centre["num_skipped"]:
     logging.warning("evaluation skipped %d unusable images: %s", centre["num_skipped"],
