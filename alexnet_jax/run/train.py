@@ -111,10 +111,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   """Trains (resuming from workdir), evaluates; returns the final evaluation.
 
   run: `setup.build(config, workdir)` if the caller has it. allow_config_changes: resume
-  even where the config changes the run's meaning (see `Checkpointer.check_compatible`).
-  A stopped run returns
-  {"stopped_at_step": step}. Rerunning a finished run changes nothing and returns its
-  final metrics.
+  even where the config changes the run's meaning (see alexnet_jax/checkpoint/
+  compatibility.py). A stopped run returns {"stopped_at_step": step}. Rerunning a
+  finished run changes nothing and returns its final metrics.
   """
   run = run or setup.build(config, workdir, mode="train")
   is_lead = jax.process_index() == 0
