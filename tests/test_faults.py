@@ -25,7 +25,6 @@ import pytest
 
 from alexnet_jax import checkpoint, cli, parallel, steps
 from conftest import ROOT, SMOKE_STEPS, smoke_config, smoke_flags
-from experiments import alexnet
 
 STEPS = SMOKE_STEPS
 
@@ -81,8 +80,7 @@ def _tree(workdir):
 
 
 def _state(workdir, step=None):
-  config = alexnet.get_config("smoke")
-  config.mesh.data, config.mesh.model = 1, 1
+  config = smoke_config(cache_dir="")  # the shared run's network and mesh (1 x 1)
   mesh = parallel.make_mesh(config, jax.devices()[:1])
   ckpt = checkpoint.Checkpointer(workdir, read_only=True)
   try:

@@ -31,18 +31,17 @@ from tensorboard.backend.event_processing import event_accumulator
 
 from alexnet_jax import checkpoint, cli, data, model, parallel, steps
 from alexnet_jax.run import evaluate, setup, train
+from conftest import ROOT, SMOKE_GEOMETRY
 from experiments import alexnet
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# The smallest input the smoke stack takes (pool5 1 x 1): a step costs ~12x less than at 224.
-SMALL = {"model.input_size": 64, "input.resize_size": 64}
+SMALL = SMOKE_GEOMETRY
 TRAINED = dict(num_train_steps=3, eval_every_steps=3, checkpoint_every_steps=2,
                **{"mesh.data": 4, "mesh.model": 2})
 
 
 @pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-  return str(tmp_path_factory.mktemp("cache"))
+def cache_dir(smoke_cache):
+  return smoke_cache  # the session's demo data and statistics
 
 
 def _config(cache_dir, **overrides):
