@@ -1,10 +1,10 @@
 """Issue 13's cheap checks: the paper's update rule by hand, the hold-out split, and the
-imagenette preset's deviations from the paper (each named in its docstring)."""
+imagenette preset's deviations from the paper (exactly the fields its docstring names, and
+the schedule it describes)."""
 
 import os
 import sys
 
-import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -30,6 +30,9 @@ def test_holdout_split_is_deterministic_and_disjoint(tmp_path):
     for i in range(n):
       (src / cls / f"{i:03d}.JPEG").write_bytes(b"x")
   (src / "b" / "notes.txt").write_text("not an image")
+  # The imagenette preset's command, default fraction: 10% of each class held out (a rerun
+  # with fraction=0.1 is then a no-op; any other fraction is refused below).
+  holdout.main([str(src), str(tmp_path / "dst")])
   counts = holdout.make(str(src), str(tmp_path / "dst"), fraction=0.1)
   assert counts == {"train": 9 + 2, "val": 1 + 1}
   assert sorted(os.listdir(tmp_path / "dst" / "val" / "a")) == ["009.JPEG"]
@@ -41,26 +44,40 @@ def test_holdout_split_is_deterministic_and_disjoint(tmp_path):
     holdout.make(str(src), str(tmp_path / "dst"), fraction=0.2)
 
 
-def test_imagenette_preset_deviates_from_the_paper_only_where_documented():
-  from experiments import alexnet, imagenette
-  paper, ours = alexnet.get_config(), imagenette.get_config()
-  flat = lambda c: {k: v for k, v in _flatten(c.to_dict()).items()}  # noqa: E731
-  a, b = flat(paper), flat(ours)
-  changed = {k for k in a if a[k] != b[k]}
-  assert changed <= {
-      "dataset.name", "dataset.image_folder", "model.num_classes", "model.init_weight_std",
-      "input.square_cache", "microbatch_size", "optim.schedule",
-      "optim.boundaries_epochs", "num_epochs", "eval_every_steps", "eval_batch_size",
-      "checkpoint_every_steps", "log_every_steps", "figures.max_train_images"}, changed
-  # The paper's SGD, architecture and augmentation are untouched.
-  for k in ("optim.optimizer", "optim.learning_rate", "optim.momentum", "optim.weight_decay",
-            "batch_size", "model.towers", "model.lrn.alpha_over_n", "input.pca_jitter",
-            "input.pca_scale", "model.init_bias", "eval_ten_crop"):
-    assert a[k] == b[k], k
-  assert np.allclose(b["model.init_weight_std"], (0.01, 0.01, 0.03, 0.03, 0.03, 0.01, 0.01, 0.01))
-  assert b["model.dropout_style"] == "scale_at_test"
-  for phrase in ("conv3-5 weight std 0.03", "scale_at_test", "schedule:", "held out"):
-    assert phrase in imagenette.__doc__, phrase
+def test_imagenette_preset_deviates_from_the_paper_exactly_where_documented():
+  from alexnet_jax import model as model_lib
+  from alexnet_jax import optim
+  from experiments import alexnet, alexnet_2012_code, imagenette
+  a, b = _flatten(alexnet.get_config().to_dict()), _flatten(imagenette.get_config().to_dict())
+  assert set(a) == set(b)
+  # Every field that differs from experiments/alexnet.py, with its value: the deviations
+  # its docstring lists (init, schedule, data) and the fit to 10 classes and 7 epochs.
+  # Everything else (SGD, batch 128, architecture, LRN, dropout, augmentation, ten-crop
+  # evaluation, the statistics) is the paper's.
+  assert {k: b[k] for k in a if a[k] != b[k]} == {
+      "dataset.name": "image_folder", "dataset.image_folder": "/tmp/imagenette_split",
+      "model.num_classes": 10,
+      "model.init_weight_std": (0.01, 0.01, 0.03, 0.03, 0.03, 0.01, 0.01, 0.01),
+      "input.square_cache": True, "microbatch_size": 32,
+      "optim.schedule": "piecewise", "optim.boundaries_epochs": (5.5,), "num_epochs": 7.0,
+      "eval_every_steps": 132, "checkpoint_every_steps": 66, "log_every_steps": 10,
+      "figures.max_train_images": 500}
+  # "conv3-5 weight std 0.03 instead of 0.01 (the released 2012 code's value)".
+  stds = dict(zip(model_lib.LAYERS, b["model.init_weight_std"], strict=True))
+  assert [n for n, std in stds.items() if std != 0.01] == ["conv3", "conv4", "conv5"]
+  assert b["model.init_weight_std"] == tuple(alexnet_2012_code.get_config().model.init_weight_std)
+  # "lr 0.01 constant, divided by 10 for the last 1.5 epochs"; "7 epochs (462 steps of
+  # 128)" at "66 steps of 128 per epoch (8,516 training images)"; evaluations every 2
+  # epochs, checkpoints once an epoch.
+  config = imagenette.get_config()
+  steps_per_epoch = 8_516 // config.batch_size
+  assert steps_per_epoch == 66 and config.num_epochs * steps_per_epoch == 462
+  schedule = optim.make_schedule(config, steps_per_epoch)
+  plateau = optim.make_plateau(config).init(None)
+  rates = {step: float(schedule(step, plateau)) for step in (0, 362, 363, 461)}
+  assert rates == pytest.approx({0: 0.01, 362: 0.01, 363: 0.001, 461: 0.001})
+  assert 462 - 363 == 1.5 * steps_per_epoch
+  assert (config.eval_every_steps, config.checkpoint_every_steps) == (2 * 66, 66)
 
 
 def _flatten(d, prefix=""):
