@@ -21,7 +21,7 @@ def _stopped_before_start(signum, frame):
 
 
 # Until cli.main takes them over, a signal ends the program in one line.
-for _sig in (signal.SIGTERM, signal.SIGINT):
+for _sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):  # = run/train.py's STOP_SIGNALS
   signal.signal(_sig, _stopped_before_start)
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

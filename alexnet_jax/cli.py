@@ -52,7 +52,7 @@ def quiet_library_logs() -> None:
 
 
 class Stopped(Exception):
-  """SIGTERM or SIGINT outside the training loop (which handles them itself)."""
+  """A stop signal outside the training loop (which handles them itself)."""
 
   def __init__(self, signum: int):
     super().__init__(signal.Signals(signum).name)
@@ -61,11 +61,11 @@ class Stopped(Exception):
 
 @contextlib.contextmanager
 def stop_signals():
-  """SIGTERM / SIGINT become `Stopped`, so a signal at any moment ends in one line.
+  """train.STOP_SIGNALS become `Stopped`, so a signal at any moment ends in one line.
 
   With several processes, SIGTERM is left to JAX's preemption notifier (installed by
-  jax.distributed), which makes every process stop at the same step; SIGINT is turned
-  into a SIGTERM to this process for the same agreement.
+  jax.distributed), which makes every process stop at the same step; SIGINT and SIGHUP
+  are turned into a SIGTERM to this process for the same agreement.
   """
   def raise_stopped(signum, frame):
     del frame
@@ -77,9 +77,10 @@ def stop_signals():
 
   previous = {}
   if jax.process_count() > 1:
-    previous[signal.SIGINT] = signal.signal(signal.SIGINT, forward_as_sigterm)
+    for sig in set(train.STOP_SIGNALS) - {signal.SIGTERM}:
+      previous[sig] = signal.signal(sig, forward_as_sigterm)
   else:
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in train.STOP_SIGNALS:
       previous[sig] = signal.signal(sig, raise_stopped)
   try:
     yield
@@ -142,10 +143,26 @@ def run(mode: str, config: ml_collections.ConfigDict, workdir: str | None, *,
   except USER_ERRORS as err:
     print(f"error: {err}", file=sys.stderr)
     return 2
-  except Stopped as stop:
-    # Outside the training loop (which saves and exits 0): nothing to save beyond the
-    # checkpoints already written; the conventional status says the command was stopped.
+  except Exception as err:
+    # A stop outside the training loop (which saves and exits 0): nothing to save beyond
+    # the checkpoints already written; the conventional status says it was stopped. A
+    # signal that lands inside TensorFlow's input code (e.g. the final ten-crop
+    # evaluation) comes back wrapped in TF's own error: find it in the chain.
+    stop = _stop_in(err)
+    if stop is None:
+      raise
     kept = f"; the checkpoints in {workdir} are intact" if mode == "train" else ""
     print(f"stopped by {stop}{kept}: rerun the same command to continue", file=sys.stderr)
     return 128 + stop.signum
   return 0
+
+
+def _stop_in(err: BaseException) -> Stopped | None:
+  """The Stopped that caused `err` (itself, or in its cause/context chain), if any."""
+  seen = set()
+  while err is not None and id(err) not in seen:
+    if isinstance(err, Stopped):
+      return err
+    seen.add(id(err))
+    err = err.__cause__ or err.__context__
+  return None

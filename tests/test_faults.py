@@ -215,7 +215,7 @@ def test_user_errors_are_one_line(finished_run, run, mode, kwargs, needle):
   assert _tree(finished_run) == before
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
 def test_a_signal_before_training_starts_is_one_line(tmp_path, smoke_cache, sig):
   proc = subprocess.Popen(
       [sys.executable, os.path.join(ROOT, "main.py"), f"--workdir={tmp_path / 'run'}",
@@ -226,6 +226,46 @@ def test_a_signal_before_training_starts_is_one_line(tmp_path, smoke_cache, sig)
   _, err = proc.communicate(timeout=120)
   assert proc.returncode == 128 + sig, err[-3000:]
   assert "Traceback" not in err and f"stopped by {sig.name}" in err
+
+
+def test_sighup_in_the_loop_saves_like_sigterm(tmp_path, run, monkeypatch):
+  """A closed terminal or SSH session (SIGHUP) mid-training: the step finishes, is saved,
+  and the run exits 0 telling how to resume; rerun, it continues from that step."""
+  from alexnet_jax.run import train
+
+  workdir = str(tmp_path / "run")
+  real_step = train.steps.step_rng
+
+  def hang_up_at_step_3(state):  # called once per step, in the main thread
+    if int(jax.device_get(state.step)) == 2:
+      os.kill(os.getpid(), signal.SIGHUP)
+    return real_step(state)
+
+  monkeypatch.setattr(train.steps, "step_rng", hang_up_at_step_3)
+  out = run(workdir, num_train_steps=100, checkpoint_every_steps=100, eval_every_steps=100)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "SIGHUP received: saved step 3" in out.stderr
+  monkeypatch.undo()
+  out = run(workdir, num_train_steps=4, checkpoint_every_steps=100, eval_every_steps=100)
+  assert out.returncode == 0 and "at step 3" in out.stderr, out.stderr[-3000:]
+
+
+def test_a_stop_during_the_final_ten_crop_evaluation_is_one_line(run_copy, run, monkeypatch):
+  """SIGTERM while TensorFlow traces the ten-crop input (the last minutes of a run): TF
+  wraps the stop in its own StagingError; the user still gets one line and 128 + 15, and
+  the rerun completes the final metrics (test above)."""
+  from alexnet_jax import cli
+  from alexnet_jax.data import pipeline
+
+  def stopped(*args, **kwargs):
+    raise cli.Stopped(signal.SIGTERM)
+
+  os.remove(os.path.join(run_copy, "final_metrics.json"))
+  monkeypatch.setattr(pipeline, "ten_crops", stopped)
+  out = run(run_copy)
+  assert out.returncode == 128 + signal.SIGTERM, out.stderr[-3000:]
+  assert "Traceback" not in out.stderr and "stopped by SIGTERM" in out.stderr
+  assert "checkpoints in" in out.stderr and "intact" in out.stderr
 
 
 def _free_port():

@@ -10,7 +10,7 @@
      (seed, step): a resumed run sees exactly the batches and dropout masks of an
      uninterrupted one;
   4. log to TensorBoard (process 0 only), evaluate, feed the plateau schedule, save
-     asynchronously (only finite states); on SIGTERM or Ctrl-C finish the step, save and
+     asynchronously (only finite states); on SIGTERM, Ctrl-C or SIGHUP finish the step, save and
      exit; at the end, the final centre-crop and ten-crop evaluations.
 
 The loop's pieces: `_MetricsWindow` (the steps since the last read-back, their summary
@@ -39,6 +39,10 @@ from alexnet_jax import data, fileio, optim, parallel, steps
 from alexnet_jax.run import evaluate, setup
 
 FINAL_METRICS = "final_metrics.json"
+# Signals that stop a run cleanly (finish the step, save, exit 0). SIGHUP is what a
+# closed terminal or SSH session sends: without it, a run started by hand lost every
+# step since its last checkpoint (up to checkpoint_every_steps).
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -50,11 +54,12 @@ class NonFiniteLossError(FloatingPointError):
 
 
 class _StopRequest:
-  """Turns SIGTERM / SIGINT into a stop that every process takes at the same step.
+  """Turns SIGTERM / SIGINT / SIGHUP into a stop every process takes at the same step.
 
   One process: a flag the loop reads between steps. Several: JAX's preemption sync
-  (jax.distributed's SIGTERM notifier; cli turns SIGINT into SIGTERM) names a step that
-  every process reaches, so none enters the collective save while another steps on.
+  (jax.distributed's SIGTERM notifier; cli turns SIGINT and SIGHUP into SIGTERM) names a
+  step that every process reaches, so none enters the collective save while another
+  steps on.
   """
 
   def __init__(self):
@@ -64,7 +69,7 @@ class _StopRequest:
 
   def __enter__(self):
     if not self._multi and threading.current_thread() is threading.main_thread():
-      for sig in (signal.SIGTERM, signal.SIGINT):
+      for sig in STOP_SIGNALS:
         self._previous[sig] = signal.signal(sig, self._handle)
     return self
 
