@@ -38,10 +38,12 @@ SGD = optax.sgd(0.01, momentum=0.9)
 
 def make_state(step: int, *, width: int = 64, optimizer=SGD) -> State:
   # Random normal values: incompressible, as real weights are, so damage is not
-  # always caught by the compressor and the checksums have to.
-  key = jax.random.key(step)
-  params = {"conv1": {"kernel": jax.random.normal(key, (2, 5, 5, 3, 4)), "bias": jnp.ones((2, 4))},
-            "fc8": {"kernel": jax.random.normal(jax.random.fold_in(key, 1), (2, width, 10))}}
+  # always caught by the compressor and the checksums have to. Drawn by numpy: JAX's
+  # normal() compiles for ~1.5 s per shape on a CPU, and the draws are not under test.
+  rng = np.random.default_rng(step)
+  params = {"conv1": {"kernel": jnp.asarray(rng.standard_normal((2, 5, 5, 3, 4), np.float32)),
+                      "bias": jnp.ones((2, 4))},
+            "fc8": {"kernel": jnp.asarray(rng.standard_normal((2, width, 10), np.float32))}}
   opt_state = optimizer.init(params)
   _, opt_state = optimizer.update(params, opt_state, params)  # a non-zero momentum
   return State(step=jnp.int32(step), params=params, opt_state=opt_state,
