@@ -142,6 +142,73 @@ def test_a_run_killed_during_its_final_evaluation_completes_it_on_rerun(run_copy
   assert f"step {STEPS + 1}/" not in out.stderr and "loss" not in out.stderr.split("Resumed")[-1]
 
 
+# ------------------------------------------------------------------ damaged side files
+
+
+def _truncate(path):
+  with open(path, "r+b") as f:
+    f.truncate(os.path.getsize(path) // 2)
+
+
+@pytest.mark.parametrize("name", ["input_stats.npz", "dataset.json"])
+def test_a_damaged_record_is_recomputed_on_resume(run_copy, run, name):
+  """Derived files (the statistics and class names the run recorded): a half-written copy
+  is one warning, recomputed from the dataset and written again; training goes on."""
+  path = os.path.join(run_copy, name)
+  want = (dict(np.load(path)) if name.endswith(".npz") else json.load(open(path)))
+  _truncate(path)
+  out = run(run_copy, num_train_steps=6)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert f"{name} is damaged" in out.stderr and "Traceback" not in out.stderr
+  assert int(_state(run_copy).step) == 6
+  if name.endswith(".npz"):
+    got = dict(np.load(path))
+    assert sorted(got) == sorted(want)
+    for key in want:
+      np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+  else:
+    assert json.load(open(path)) == want
+
+
+def test_damaged_statistics_without_the_dataset_name_the_mend(run_copy, run, tmp_path):
+  """Predict on a copied workdir (no training data) whose input_stats.npz is damaged:
+  nothing to recompute it from, so one line says which file and how to mend it."""
+  _truncate(os.path.join(run_copy, "input_stats.npz"))
+  line = _one_line_error(run(run_copy, "predict", images=[__file__], **{
+      "dataset.name": "image_folder", "dataset.image_folder": str(tmp_path / "gone")}))
+  assert "input_stats.npz" in line and "damaged" in line and "copy" in line.lower()
+
+
+def test_a_damaged_final_metrics_file_is_evaluated_again(run_copy, run):
+  path = os.path.join(run_copy, "final_metrics.json")
+  want = json.load(open(path))
+  _truncate(path)
+  out = run(run_copy)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "final_metrics.json is damaged" in out.stderr
+  got = json.load(open(path))
+  assert got["step"] == STEPS
+  for key in ("top1_error", "top5_error", "ten_crop_top1_error", "ten_crop_top5_error"):
+    assert got[key] == pytest.approx(want[key]), key
+
+
+def test_a_damaged_statistics_cache_is_computed_again(tmp_path, caplog):
+  from alexnet_jax import data
+  from alexnet_jax.data import stats as stats_lib
+
+  config = smoke_config(str(tmp_path / "cache"), **{"input.stats_max_images": 16})
+  want = data.statistics(config)
+  (cached,) = glob.glob(f"{tmp_path}/cache/stats/*.npz")
+  _truncate(cached)
+  with pytest.raises(stats_lib.Unreadable):
+    stats_lib.load(cached)
+  got = data.statistics(config)
+  assert "is damaged" in caplog.text
+  np.testing.assert_array_equal(got.mean_image, want.mean_image)
+  np.testing.assert_array_equal(got.eigvecs, want.eigvecs)
+  np.testing.assert_array_equal(stats_lib.load(cached).mean_rgb, want.mean_rgb)
+
+
 # ------------------------------------------------------------------ config on resume
 
 

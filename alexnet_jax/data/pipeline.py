@@ -121,7 +121,11 @@ def statistics(config) -> stats_lib.Stats:
   sample = _sample_fingerprint(source, "train", idx)
   path = stats_lib.cache_path(config.dataset.cache_dir, source.identity,
                               source.split_name("train"), sample, resize, antialias)
-  cached = stats_lib.load(path)
+  try:
+    cached = stats_lib.load(path)
+  except stats_lib.Unreadable as err:  # e.g. a writer killed on a filesystem without rename
+    _log.warning("%s: computing the statistics again", err)
+    cached = None
   if cached is not None:
     return cached
   _log.info("computing dataset statistics over %d training images -> %s", len(idx), path)

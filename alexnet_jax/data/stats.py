@@ -12,6 +12,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import zipfile
 from collections.abc import Iterable
 
 import numpy as np
@@ -109,12 +110,20 @@ def cache_path(cache_dir: str, identity: str, split: str, sample: str, resize_si
   return os.fspath(fileio.path(cache_dir) / "stats" / f"{safe}-{digest}.npz")
 
 
+class Unreadable(ValueError):
+  """A statistics file exists but cannot be read (truncated, not an .npz, fields missing)."""
+
+
 def load(path: str) -> Stats | None:
+  """The statistics stored at `path`; None if there is no file; Unreadable if damaged."""
   if not fileio.path(path).exists():
     return None
-  z = fileio.read_npz(path)
-  return Stats(mean_image=z["mean_image"], mean_rgb=z["mean_rgb"], eigvals=z["eigvals"],
-               eigvecs=z["eigvecs"], num_images=int(z["num_images"]))
+  try:
+    z = fileio.read_npz(path)
+    return Stats(mean_image=z["mean_image"], mean_rgb=z["mean_rgb"], eigvals=z["eigvals"],
+                 eigvecs=z["eigvecs"], num_images=int(z["num_images"]))
+  except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile) as err:
+    raise Unreadable(f"{path} is damaged ({type(err).__name__}: {err})") from err
 
 
 def save(path: str, s: Stats, key_description: str) -> None:

@@ -23,6 +23,7 @@ from typing import Any
 
 import jax
 import ml_collections
+from absl import logging
 from jax.sharding import Mesh
 
 from alexnet_jax import config_checks, data, fileio, optim, parallel, steps
@@ -63,20 +64,34 @@ def build(config: ml_collections.ConfigDict, workdir: str | None = None, *,
   """
   config_checks.check(config, jax.device_count())
   mesh = parallel.make_mesh(config)
-  recorded = read_record(workdir)
+  damaged, names = None, None
+  try:
+    recorded = read_record(workdir)
+    names = recorded[0] if recorded is not None else None
+  except DamagedRecord as err:  # derived files: recomputed from the dataset, if it is there
+    recorded, damaged, names = None, err, err.class_names
+    logging.warning("%s: recomputing it from the dataset (record() writes it again)", err)
   info = None
   if mode != "predict" or recorded is None:
     # Recorded class names fix the labels (an image folder then needs only the split
     # it is read for); the dataset must then have those classes.
-    info = data.dataset_info(config, recorded[0] if recorded is not None else None)
+    try:
+      info = data.dataset_info(config, names)
+    except data.DatasetNotFoundError as err:
+      if damaged is None:
+        raise
+      raise DamagedRecord(
+          f"{damaged}, and without the dataset it cannot be recomputed ({err}). Copy "
+          f"{damaged.file} from a copy of the workdir, or point the config at the training "
+          "data", damaged.file) from err
     if info.num_classes != config.model.num_classes:
       raise config_checks.ConfigError(
           "model.num_classes", f"{config.model.num_classes}, but dataset "
           f"{config.dataset.name!r} has {info.num_classes} classes")
-    if recorded is not None and tuple(recorded[0]) != info.class_names:
+    if names is not None and tuple(names) != info.class_names:
       raise config_checks.ConfigError(
           "dataset", f"its classes differ from those recorded in {workdir}/{DATASET_FILE} "
-          f"(e.g. {_first_difference(recorded[0], info.class_names)}): labels would mean "
+          f"(e.g. {_first_difference(names, info.class_names)}): labels would mean "
           "other classes. Point the config at the dataset the run was trained on.")
   class_names, stats = recorded if recorded is not None else (
       info.class_names, data.needed_statistics(config))
@@ -93,9 +108,15 @@ def build(config: ml_collections.ConfigDict, workdir: str | None = None, *,
 
 
 def record(run: RunSetup, workdir: str) -> None:
-  """Writes the class names and input statistics into `workdir` (once; process 0)."""
-  if jax.process_index() != 0 or read_record(workdir) is not None:
+  """Writes the class names and input statistics into `workdir` (once, or again where they
+  are damaged; process 0)."""
+  if jax.process_index() != 0:
     return
+  try:
+    if read_record(workdir) is not None:
+      return
+  except DamagedRecord:
+    pass  # build() recomputed what was damaged: written again below
   workdir = fileio.path(workdir)
   if run.stats is not None:
     stats_lib.save(os.fspath(workdir / STATS_FILE), run.stats,
@@ -106,19 +127,44 @@ def record(run: RunSetup, workdir: str) -> None:
       "input_stats": STATS_FILE if run.stats is not None else None})
 
 
+class DamagedRecord(FileNotFoundError):
+  """dataset.json or input_stats.npz in a workdir is damaged (e.g. a half-written copy).
+
+  `file`: which one; `class_names`: the recorded names if dataset.json itself is intact.
+  A FileNotFoundError, so the CLI prints it in one line where it cannot be mended.
+  """
+
+  def __init__(self, message: str, file: str, class_names: list[str] | None = None):
+    super().__init__(message)
+    self.file, self.class_names = file, class_names
+
+
 def read_record(workdir: str | None) -> tuple[list[str], stats_lib.Stats | None] | None:
-  """(class names, statistics or None) recorded in `workdir`, or None if not recorded."""
+  """(class names, statistics or None) recorded in `workdir`, or None if not recorded.
+
+  Raises DamagedRecord if a recorded file cannot be read, FileNotFoundError if the
+  statistics dataset.json names are missing (a workdir copied without them).
+  """
   if not workdir or not (fileio.path(workdir) / DATASET_FILE).is_file():
     return None
-  meta = fileio.read_json(fileio.path(workdir) / DATASET_FILE)
+  path = fileio.path(workdir) / DATASET_FILE
+  try:
+    meta = fileio.read_json(path)
+    names = [str(n) for n in meta["class_names"]]
+  except (ValueError, KeyError, TypeError) as err:
+    raise DamagedRecord(f"{path} is damaged ({type(err).__name__}: {err})",
+                        DATASET_FILE) from err
   stats = None
   if meta.get("input_stats"):
     path = os.fspath(fileio.path(workdir) / meta["input_stats"])
-    stats = stats_lib.load(path)
+    try:
+      stats = stats_lib.load(path)
+    except stats_lib.Unreadable as err:
+      raise DamagedRecord(str(err), meta["input_stats"], names) from err
     if stats is None:
-      raise FileNotFoundError(f"{path} is missing or unreadable, but {DATASET_FILE} says the "
-                              "run used it; copy the whole workdir")
-  return meta["class_names"], stats
+      raise FileNotFoundError(f"{path} is missing, but {DATASET_FILE} says the run used it; "
+                              "copy the whole workdir")
+  return names, stats
 
 
 def _first_difference(a, b) -> str:

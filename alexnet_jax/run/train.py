@@ -104,8 +104,13 @@ def _finished(config: ml_collections.ConfigDict, workdir, step: int) -> dict | N
   path = fileio.path(workdir) / FINAL_METRICS
   if not path.exists():
     return None
-  final = fileio.read_json(path)
-  if final.get("step") == step and all(k in final for k in _final_keys(config)):
+  try:
+    final = fileio.read_json(path)
+  except ValueError as err:  # half-written by hand or by a copy: evaluated again
+    logging.warning("%s is damaged (%s): evaluating the last checkpoint again", path, err)
+    return None
+  if (isinstance(final, dict) and final.get("step") == step
+      and all(k in final for k in _final_keys(config))):
     return final
   return None
 
