@@ -33,13 +33,6 @@ def make_config(tmp_path, root=None, **input_overrides):
   return c
 
 
-def small(c):
-  """A 64-pixel resize and 56-pixel crops, where the geometry is not under test: the
-  coordinate images' B channel (their id) survives any resize and crop."""
-  c.input.resize_size, c.model.input_size = 64, 56
-  return c
-
-
 def plain(c):
   """No mean, no colour jitter, no divisor: pixels come out as decoded."""
   c.input.mean = "none"
@@ -246,7 +239,7 @@ def test_train_divisor_scales_training_inputs_only(tmp_path):
 
 
 def test_resume_equals_uninterrupted_stream_and_reshuffles(tmp_path):
-  c = small(make_config(tmp_path, coord_tree(tmp_path / "t"), stats="published"))
+  c = make_config(tmp_path, coord_tree(tmp_path / "t"), stats="published")
   info = ip.dataset_info(c)
   spe = ip.steps_per_epoch(c, info)
   assert (info.num_train, spe) == (24, 3)
@@ -266,7 +259,7 @@ def test_resume_equals_uninterrupted_stream_and_reshuffles(tmp_path):
 
 
 def test_labels_follow_sorted_class_folders(tmp_path):
-  c = small(plain(make_config(tmp_path, coord_tree(tmp_path / "t"), stats="published")))
+  c = plain(make_config(tmp_path, coord_tree(tmp_path / "t"), stats="published"))
   info = ip.dataset_info(c)
   assert info.class_names == ("class0", "class1", "class2") and info.num_classes == 3
   for b in take(ip.train_batches(c), 3):
@@ -277,21 +270,18 @@ def test_labels_follow_sorted_class_folders(tmp_path):
 # 4 processes only: 2 runs the same code (each process's slice of the global batch).
 @pytest.mark.parametrize("process_count", [4])
 def test_process_shares_are_disjoint_and_assemble_the_global_batch(tmp_path, process_count):
-  c = small(make_config(tmp_path, coord_tree(tmp_path / "t"), stats="published", mean="none"))
+  # Plain pixels, so that the B channel names each file: random crops and flips still
+  # differ per example, drawn from the same per-example seed as the colour jitter.
+  c = plain(make_config(tmp_path, coord_tree(tmp_path / "t"), stats="published"))
   single = take(ip.train_batches(c), 3)
   shares = [take(ip.train_batches(c, process_index=p, process_count=process_count), 3)
             for p in range(process_count)]
-  seen = []
   for step in range(3):
     parts = [s[step] for s in shares]
     assert all(p["image"].shape[0] == c.batch_size // process_count for p in parts)
     glued = np.concatenate([p["image"] for p in parts])
     np.testing.assert_array_equal(glued, single[step]["image"])  # same global batch
-  plain(c)
-  for p in range(process_count):
-    seen += [ids(b) for b in take(ip.train_batches(c, process_index=p,
-                                                    process_count=process_count), 3)]
-  seen = np.concatenate(seen)
+  seen = np.concatenate([ids(b) for s in shares for b in s])
   assert sorted(seen) == list(range(24))  # disjoint, and together the whole epoch
 
 
@@ -300,7 +290,7 @@ def test_process_shares_are_disjoint_and_assemble_the_global_batch(tmp_path, pro
 # each case of each covered once (as in test_tfds_source).
 @pytest.mark.parametrize("process_count,ten_crop", [(1, False), (2, True)])
 def test_eval_counts_every_example_once(tmp_path, process_count, ten_crop):
-  c = small(plain(make_config(tmp_path, coord_tree(tmp_path / "t", val_per_class=3))))
+  c = plain(make_config(tmp_path, coord_tree(tmp_path / "t", val_per_class=3)))
   c.eval_batch_size = 4  # does not divide the 9 examples
   info = ip.dataset_info(c)
   outs = [list(ip.eval_batches(c, ten_crop=ten_crop, process_index=p,
