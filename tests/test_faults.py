@@ -29,7 +29,9 @@ from conftest import ROOT, SMOKE_STEPS, smoke_config, smoke_flags
 STEPS = SMOKE_STEPS
 
 
-def _env(devices=1):
+def _env(devices=8):
+  # 8 fake devices as in this process (the device count is part of the compilation cache
+  # key: the children then reuse this session's compiled steps).
   return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
               JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
 
@@ -235,6 +237,7 @@ def test_a_changed_meaning_on_resume_is_refused_unless_allowed(run_copy, run):
 # ------------------------------------------------------------------ two runs, one workdir
 
 
+@pytest.mark.slow
 def test_a_second_run_on_the_same_workdir_is_refused_and_a_dead_holder_is_taken_over(
     tmp_path, smoke_cache, run):
   workdir = str(tmp_path / "run")
@@ -341,6 +344,7 @@ def _free_port():
     return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path, smoke_cache):
   workdir = str(tmp_path / "run")
   port = _free_port()
@@ -350,8 +354,8 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path, s
   procs = [subprocess.Popen(
       [sys.executable, os.path.join(ROOT, "main.py"), f"--workdir={workdir}",
        f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}",
-       *flags], env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-      for i in range(2)]
+       *flags], env=_env(devices=1), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+      text=True) for i in range(2)]
   try:
     for line in procs[0].stderr:  # process 0 logs the steps
       if "step 3/" in line:

@@ -197,6 +197,7 @@ def test_every_bad_file_is_skipped_and_named_in_eval_stats_and_predict(tree, tmp
     ip.load_image_files_uint8(c, [val_good[0], paths[1]])
 
 
+@pytest.mark.slow
 def test_training_substitutes_every_bad_file_and_resumes_bit_exactly(tree, tmp_path):
   """A file only the decoder finds bad (corrupt inside) is substituted like the others,
   not dropped: the stream read fast (with re-reads of failing batches), one resumed at
@@ -411,6 +412,7 @@ def _e2e_config(root, cache, **overrides):
   return c
 
 
+@pytest.mark.slow
 def test_main_trains_evaluates_and_predicts_through_bad_files(tree, tmp_path, capsys, caplog):
   """cli.run (what main.py calls), in this process: statistics, training, its
   evaluation, --mode=eval and --mode=predict all finish (exit 0) with bad files in both

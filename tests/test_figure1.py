@@ -140,6 +140,7 @@ def _replay(config, activation):
   return errors, losses
 
 
+@pytest.mark.slow
 def test_two_epoch_run_writes_json_and_png(tmp_path):
   config = figure1_config.get_config("smoke")
   with config.unlocked():

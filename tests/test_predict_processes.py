@@ -14,6 +14,7 @@ def _free_port():
     return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_predict_in_two_processes_is_refused(tmp_path):
   # Unguarded, each process printed the whole output (two copies) on a mesh whose data
   # axis stays in one process, and crashed fetching the predictions on one across them.

@@ -86,6 +86,7 @@ def _missing() -> str | None:
   return None
 
 
+@pytest.mark.slow
 def test_gs_workdir_train_resume_eval_predict(smoke_cache, tmp_path):
   reason = _missing()
   if reason:

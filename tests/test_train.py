@@ -249,6 +249,7 @@ def test_a_rerun_after_a_kill_in_the_final_evaluation_builds_no_training(
     assert got[key] == pytest.approx(want[key]), key
 
 
+@pytest.mark.slow
 def test_sigterm_saves_and_the_restart_continues(tmp_path, cache_dir, caplog):
   workdir = str(tmp_path / "run")
   cmd = [sys.executable, os.path.join(ROOT, "main.py"), f"--workdir={workdir}",
@@ -425,6 +426,7 @@ def _free_port():
 
 @pytest.mark.parametrize("data_axis,model_axis", [(2, 2), (1, 2)],
                          ids=["replica_per_process", "tower_per_process"])
+@pytest.mark.slow
 def test_two_processes_equal_one(tmp_path, cache_dir, data_axis, model_axis):
   """Two processes train as one (here, on the first data x model of this process's
   devices); with (1, 2) the towers of one replica sit in different processes, which must
