@@ -30,6 +30,13 @@ once the read-ahead has filled now.
 
 Per-example work keeps control flow (tf.cond / while_loop) off the common path: inside a
 tf.data map each conditional costs more than the small ops it would save.
+
+Length (~700 lines, over the package's ~450): this is where the one tf.data graph of a
+run is assembled, and its three guarantees above (a pure order, the same bytes whatever
+bad files are found when, bounded read-ahead) are properties of that graph as a whole:
+the order plan feeds the substitute draw, which the careful re-read must reproduce byte
+for byte. Kept in one module so they can be checked in one reading; the pieces that
+stand alone live beside it (sources, decode, augment, stats, square_cache).
 """
 
 from __future__ import annotations

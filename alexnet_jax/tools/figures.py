@@ -19,6 +19,10 @@ the Euclidean distance of the last hidden layer (fc7, 4096-d in the paper).
 Everything is drawn off-screen: matplotlib figures get an Agg canvas explicitly
 (no pyplot, no display, no global backend switch), kernel grids are written with
 PIL at their exact pixel size.
+
+Length (~480 lines): three figures, each a short computation (grid, colour numbers,
+nearest neighbours, event reading) and its drawing; they share only the output folder,
+so a split would be by figure, three small files that are always read together.
 """
 
 from __future__ import annotations
