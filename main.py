@@ -11,6 +11,7 @@ an error. Multi-process: --coordinator_address=HOST:PORT --num_processes=N
 import os
 import signal
 import sys
+import traceback
 
 
 def _stopped_before_start(signum, frame):
@@ -28,6 +29,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
 from absl import app, flags  # noqa: E402
+import ml_collections  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -46,10 +48,35 @@ config_flags.DEFINE_config_file("config", None, "Experiment config file (experim
 flags.mark_flags_as_required(["config"])
 
 
+def _config_file_error(argv, err: BaseException) -> str:
+  """One line for a config file whose own code failed: which file, where, what."""
+  path = next((a.split("=", 1)[1].split(":")[0] for a in argv if a.startswith("--config=")),
+              "the --config file")
+  line = getattr(err, "lineno", None) if isinstance(err, SyntaxError) else None
+  for frame in traceback.extract_tb(err.__traceback__):
+    if os.path.abspath(frame.filename) == os.path.abspath(path):
+      line = frame.lineno  # the deepest line of the file itself
+  where = f"{path}, line {line}" if line else path
+  return (f"the config file {where} failed to load: {type(err).__name__}: {err}. Fix the "
+          "file (it must define get_config() returning an ml_collections.ConfigDict), or "
+          "pass another --config")
+
+
 def parse_flags(argv):
   """absl's parsing, with a bad flag, config file or override in one line and exit 2."""
   try:
-    rest = FLAGS(argv)
+    try:
+      rest = FLAGS(argv)
+    except (flags.Error, AttributeError, KeyError, OSError, ValueError, TypeError):
+      raise
+    except Exception as err:  # the config file's own code failed (syntax, its own raise)
+      print(f"error: {_config_file_error(argv, err)}", file=sys.stderr)
+      sys.exit(2)
+    if not isinstance(FLAGS.config, ml_collections.ConfigDict):
+      raise flags.Error(
+          f"get_config() of the --config file returned a {type(FLAGS.config).__name__}, not "
+          "an ml_collections.ConfigDict: return ml_collections.ConfigDict(...) (see "
+          "experiments/*.py)")
     FLAGS.config.get("seed")  # a config file that failed to load raises here, not later
     if FLAGS.mode != "summary" and not FLAGS.workdir:
       raise flags.Error(f"--mode={FLAGS.mode} needs --workdir")

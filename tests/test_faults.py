@@ -275,6 +275,22 @@ def test_flag_errors_are_one_line(finished_run, smoke_cache, extra, needle):
   assert _tree(finished_run) == before
 
 
+@pytest.mark.parametrize("source,needles", [
+    ("def get_config(:\n  pass\n", ["SyntaxError", "line 1"]),
+    ("def get_config():\n  raise RuntimeError('no such preset')\n",
+     ["RuntimeError: no such preset", "line 2"]),
+    ("def get_config():\n  return {'seed': 0}\n", ["returned a dict", "ConfigDict"]),
+], ids=["syntax_error", "get_config_raises", "plain_dict"])
+def test_a_config_file_that_fails_is_one_line(tmp_path, source, needles):
+  """main.py's own loading of the --config file: which file, where, what; nothing written."""
+  path = tmp_path / "broken.py"
+  path.write_text(source)
+  line = _one_line_error(_main(tmp_path / "run", [f"--config={path}"]))
+  for needle in needles:
+    assert needle in line, line
+  assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("mode,kwargs,needle", [
     ("predict", {"images": ["/nonexistent.jpg"]}, "/nonexistent.jpg"),
     ("eval", {"step": 3}, "step 3"),

@@ -97,7 +97,7 @@ def check_step():
   import optax
 
   from alexnet_jax import model as model_lib
-  from alexnet_jax import parallel, steps
+  from alexnet_jax import optim, parallel, steps
   from curve import load_config
   # Input 67x67 (pool5 1x1) keeps the compile short; the layers and the step are the same.
   for preset, kw in (("experiments/alexnet.py", {}),
@@ -109,9 +109,10 @@ def check_step():
         "model.init_weight_std=(0.05,0.05,0.05,0.05,0.05,0.05,0.05,0.05)",
         "optim.schedule='constant'", "model.input_size=67"])
     mesh = parallel.make_mesh(config)
-    state = steps.create_train_state(config, mesh)
+    layout = steps.state_layout(config, mesh)
+    state = steps.create_train_state(config, layout)
     params0 = jax.device_get(state.params)
-    train_step = steps.make_train_step(config, mesh, steps_per_epoch=100)
+    train_step = steps.make_train_step(config, layout, optim.make_schedule(config, 100))
     rng = np.random.default_rng(1)
     images = rng.normal(0, 50, (2, 16, 67, 67, 3)).astype(np.float32)
     labels = rng.integers(0, 10, (2, 16)).astype(np.int32)
