@@ -113,9 +113,14 @@ def test_nonfinite_halts_naming_a_finite_checkpoint_and_rollback_skips_batches(r
   assert all(np.isfinite(x).all() for x in jax.tree.leaves((state.params, state.opt_state)))
 
 
-def test_nonfinite_before_any_checkpoint_says_so(tmp_path, run):
-  line = _one_line_error(run(str(tmp_path / "run"), **{"optim.learning_rate": 1e28}))
+def test_nonfinite_before_any_checkpoint_says_so(tmp_path, run, monkeypatch):
+  """Also: a fresh start names the absolute checkpoint directory it found empty (a relative
+  --workdir given from another directory is another workdir)."""
+  monkeypatch.chdir(tmp_path)
+  out = run("run", **{"optim.learning_rate": 1e28})
+  line = _one_line_error(out)
   assert "step 1: not finite" in line and "no checkpoint was saved yet" in line
+  assert f"No checkpoint in {tmp_path / 'run' / 'checkpoints'}: starting at step 0" in out.stderr
 
 
 # ------------------------------------------------------------------ finishing twice

@@ -136,6 +136,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                            allow_changes=allow_config_changes)
       logging.info("Resumed from %s at step %d.", ckpt.directory, int(state.step))
     else:
+      # The absolute path: a relative --workdir given from another directory is another
+      # workdir, and this line is how the user sees it.
+      logging.warning("No checkpoint in %s: starting at step 0.", ckpt.directory)
       state = steps.create_train_state(config, run.layout)
     start = int(jax.device_get(state.step))
     final_path = fileio.path(workdir) / FINAL_METRICS
