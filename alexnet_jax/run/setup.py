@@ -143,11 +143,11 @@ def read_record(workdir: str | None) -> tuple[list[str], stats_lib.Stats | None]
   """(class names, statistics or None) recorded in `workdir`, or None if not recorded.
 
   Raises DamagedRecord if a recorded file cannot be read, FileNotFoundError if the
-  statistics dataset.json names are missing (a workdir copied without them).
+  statistics file that dataset.json names is missing (a workdir copied without it).
   """
-  if not workdir or not (fileio.path(workdir) / DATASET_FILE).is_file():
+  path = fileio.path(workdir) / DATASET_FILE if workdir else None
+  if path is None or not path.is_file():
     return None
-  path = fileio.path(workdir) / DATASET_FILE
   try:
     meta = fileio.read_json(path)
     names = [str(n) for n in meta["class_names"]]
