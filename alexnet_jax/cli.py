@@ -158,11 +158,5 @@ def run(mode: str, config: ml_collections.ConfigDict, workdir: str | None, *,
 
 
 def _stop_in(err: BaseException) -> Stopped | None:
-  """The Stopped that caused `err` (itself, or in its cause/context chain), if any."""
-  seen = set()
-  while err is not None and id(err) not in seen:
-    if isinstance(err, Stopped):
-      return err
-    seen.add(id(err))
-    err = err.__cause__ or err.__context__
-  return None
+  """The Stopped that caused `err` (itself, or anywhere in what it came from), if any."""
+  return next((e for e in checkpoint.errors.errors_in(err) if isinstance(e, Stopped)), None)

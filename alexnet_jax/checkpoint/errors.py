@@ -64,7 +64,8 @@ def one_line(err: BaseException) -> str:
   return f"{type(err).__name__}: {text[0] if text else ''}"[:400]
 
 
-def _errors_in(err: BaseException) -> Iterator[BaseException]:
+def errors_in(err: BaseException) -> Iterator[BaseException]:
+  """`err` and every error it came from: causes, contexts, an ExceptionGroup's members."""
   seen = set()
   todo = [err]
   while todo:
@@ -87,7 +88,7 @@ def write_failure(err: BaseException) -> str | None:
   tensorstore reports a failed write as a ValueError holding the OS's message,
   not as an OSError, hence the message test.
   """
-  for e in _errors_in(err):
+  for e in errors_in(err):
     if isinstance(e, OSError) and e.errno in _WRITE_ERRNOS:
       return os.strerror(e.errno)
     for words in _WRITE_WORDS:
