@@ -48,6 +48,10 @@ config_flags.DEFINE_config_file("config", None, "Experiment config file (experim
 flags.mark_flags_as_required(["config"])
 
 
+# What absl and ml_collections raise for a bad flag, override or config path.
+_FLAG_ERRORS = (flags.Error, AttributeError, KeyError, OSError, ValueError, TypeError)
+
+
 def _config_file_error(argv, err: BaseException) -> str:
   """One line for a config file whose own code failed: which file, where, what."""
   path = next((a.split("=", 1)[1].split(":")[0] for a in argv if a.startswith("--config=")),
@@ -67,7 +71,7 @@ def parse_flags(argv):
   try:
     try:
       rest = FLAGS(argv)
-    except (flags.Error, AttributeError, KeyError, OSError, ValueError, TypeError):
+    except _FLAG_ERRORS:  # absl's and ml_collections' own: reported below
       raise
     except Exception as err:  # the config file's own code failed (syntax, its own raise)
       print(f"error: {_config_file_error(argv, err)}", file=sys.stderr)
@@ -82,7 +86,7 @@ def parse_flags(argv):
       raise flags.Error(f"--mode={FLAGS.mode} needs --workdir")
     if len(rest) > 1:
       raise flags.Error(f"unexpected arguments: {rest[1:]}")
-  except (flags.Error, AttributeError, KeyError, OSError, ValueError, TypeError) as err:
+  except _FLAG_ERRORS as err:
     lines = str(err).replace("\\n", "\n").splitlines()
     # ml_collections puts the config file's whole traceback in the message: keep the
     # first line (which flag) and the last (what went wrong).
