@@ -14,6 +14,11 @@ It is the same network as the project's default config (experiments/alexnet.py):
   conv5 256 3x3 pad 1, 2 grp  -> ReLU -> maxpool 3/2                       6x6x256
   fc6 9216->4096 ReLU dropout 0.5, fc7 4096->4096 ReLU dropout 0.5, fc8 4096->classes
 
+Dropout is the paper's form by default ("scale_at_test": units are dropped with p 0.5 in
+training and outputs multiplied by 0.5 at test time), as in experiments/alexnet.py;
+"inverted" (PyTorch's nn.Dropout: x2 in training) is equal in expectation but doubles
+fc7's and fc8's inputs in training, which matters at the paper's init (fidelity/README).
+
 Channels are ordered [tower A | tower B], so `groups=2` is exactly "each tower sees
 only its own half" and the cross-tower layers (conv3, fc6-fc8) are ordinary ones.
 60,965,224 parameters for 1000 classes (`self_check` asserts it).
@@ -60,6 +65,23 @@ class TowerLRN(nn.Module):
     return torch.cat([self.lrn(h) for h in x.chunk(self.towers, dim=1)], dim=1)
 
 
+class Dropout(nn.Module):
+  """Dropout in the paper's form ("scale_at_test") or PyTorch's ("inverted")."""
+
+  def __init__(self, p: float, form: str):
+    super().__init__()
+    if form not in ("scale_at_test", "inverted"):
+      raise ValueError(f"dropout form {form!r}: 'scale_at_test' or 'inverted'")
+    self.p, self.form = p, form
+
+  def forward(self, x: torch.Tensor) -> torch.Tensor:
+    if self.form == "inverted":
+      return F.dropout(x, self.p, self.training)
+    if self.training:  # keep with 1 - p, unscaled
+      return F.dropout(x, self.p, True) * (1.0 - self.p)
+    return x * (1.0 - self.p)
+
+
 class AlexNet2012(nn.Module):
   """Two-tower AlexNet (Krizhevsky et al., 2012). Input: (N, 3, 224, 224)."""
 
@@ -72,6 +94,7 @@ class AlexNet2012(nn.Module):
       lrn_k: float = 2.0,
       lrn: bool = True,  # False: the paper's no-LRN ablation (and PyTorch's fast case)
       dropout: float = 0.5,
+      dropout_form: str = "scale_at_test",
       # 1 only turns groups off (same widths, 62,378,344 params); the paper's one-GPU
       # ablation would also halve the widths.
       towers: int = 2,
@@ -91,9 +114,7 @@ class AlexNet2012(nn.Module):
       self.lrn2 = TowerLRN(g, lrn_size, lrn_alpha, lrn_beta, lrn_k)
     else:
       self.lrn1 = self.lrn2 = nn.Identity()
-    # Inverted dropout (PyTorch's): the project's default; same in expectation as the
-    # 2012 code's "multiply by 0.5 at test time".
-    self.drop = nn.Dropout(dropout)
+    self.drop = Dropout(dropout, dropout_form)
     self.reset_parameters()
 
   def reset_parameters(self) -> None:
