@@ -15,6 +15,9 @@ from alexnet_jax import model as model_lib
 # config.input.mean: subtract the training set's mean image (the paper), its mean colour,
 # the published ImageNet mean colour, or nothing.
 MEAN_MODES = ("per_pixel", "per_channel", "published", "none")
+# input.jpeg_dct_method: TF's decode_jpeg `dct_method`; the first is TF's default (what a
+# config written before the field existed decoded with).
+DCT_METHODS = ("INTEGER_FAST", "INTEGER_ACCURATE")
 
 
 class ConfigError(ValueError):
@@ -152,6 +155,7 @@ def check_input(config: ml_collections.ConfigDict) -> None:
   _choice(i.stats, "input.stats", ("computed", "published"))
   _choice(i.pca_scale, "input.pca_scale", ("eigenvalues", "sqrt"))
   _choice(i.on_bad_image, "input.on_bad_image", ("skip", "error"))
+  _choice(i.get("jpeg_dct_method", DCT_METHODS[0]), "input.jpeg_dct_method", DCT_METHODS)
   _positive(config, "input.train_divisor")
   _positive(config, "input.resize_size")
   _require(config.model.input_size <= i.resize_size, "model.input_size",

@@ -1,5 +1,6 @@
 """Tests of the input pipeline (alexnet_jax.data) on tiny trees built in tmp_path."""
 
+import glob
 import importlib.util
 import os
 import shutil
@@ -9,7 +10,7 @@ import pytest
 from PIL import Image, ImageFilter
 
 from alexnet_jax import data as ip
-from alexnet_jax.data import augment, decode, pipeline, sources
+from alexnet_jax.data import augment, decode, pipeline, sources, square_cache
 from alexnet_jax.data import stats as stats_lib
 from alexnet_jax.data._tf import tf
 from experiments.alexnet import get_config
@@ -171,10 +172,33 @@ def test_statistics_match_numpy_and_are_cached(tmp_path, monkeypatch):
   again = ip.statistics(c)
   np.testing.assert_array_equal(again.mean_image, s.mean_image)
   np.testing.assert_array_equal(again.eigvecs, s.eigvecs)
-  # A different sample size is a different cache entry.
+  # A different JPEG IDCT decodes other pixels: a different cache entry.
+  c.input.jpeg_dct_method = "INTEGER_ACCURATE"
+  with pytest.raises(AssertionError, match="recomputed"):
+    ip.statistics(c)
+  # So is a different sample size.
+  c.input.jpeg_dct_method = "INTEGER_FAST"
   c.input.stats_max_images = 5
   with pytest.raises(AssertionError, match="recomputed"):
     ip.statistics(c)
+
+
+def test_accurate_idct_decodes_as_pil_does(shared_data):
+  """input.jpeg_dct_method="INTEGER_ACCURATE" gives PIL's pixels (the 2012 data
+  preparation's decoder); TF's default fast IDCT does not."""
+  path = sorted(glob.glob(os.path.join(shared_data, "imagenet-tiny", "train", "*", "*.JPEG")))[0]
+  img = Image.open(path).convert("RGB")
+  w, h = img.size
+  side = min(w, h)
+  top, left = (h - side) // 2, (w - side) // 2
+  pil = np.asarray(img.crop((left, top, left + side, top + side)))
+  data = tf.constant(open(path, "rb").read())
+  # At the square's own size the resize is the identity: only the decoders differ.
+  accurate = decode.decode_centre_square(data, side, dct="INTEGER_ACCURATE").numpy()
+  fast = decode.decode_centre_square(data, side).numpy()
+  np.testing.assert_array_equal(accurate, pil)
+  assert np.abs(fast.astype(int) - pil).mean() > 0.1
+  assert (fast.astype(int) - pil).mean() < 0  # the fast IDCT reads darker
 
 
 def test_published_statistics_and_mean_modes(tmp_path):
@@ -503,3 +527,7 @@ def test_square_cache_gives_the_same_stream(tmp_path):
   c.input.on_bad_image = "error"
   with pytest.raises(ip.BadImageError):
     take(ip.train_batches(c), 5)
+  # Squares decoded with the other JPEG IDCT are other squares: never reused.
+  c.input.jpeg_dct_method = "INTEGER_ACCURATE"
+  other = square_cache.cache_dir(c, sources.get_source(c), "train")
+  assert other != str(built[0]) and os.path.dirname(other) == str(built[0].parent)

@@ -390,6 +390,7 @@ def _variant(**changes):
     ({"model.num_classes": 7}, "model.num_classes"),
     ({"model.cross_tower": ("conv9",)}, "model.cross_tower"),
     ({"model.dropout_style": "gaussian"}, "model.dropout_style"),
+    ({"input.jpeg_dct_method": "INTEGER_SLOW"}, "input.jpeg_dct_method"),
 ])
 def test_bad_model_config_names_the_field(changes, field):
   with pytest.raises(config_checks.ConfigError) as err:

@@ -40,6 +40,7 @@ import threading
 
 import numpy as np
 
+from alexnet_jax import config_checks
 from alexnet_jax.data._tf import parallel_calls, tf
 
 _log = logging.getLogger(__name__)
@@ -190,8 +191,13 @@ def decoded_square_side(height: int, width: int, is_jpeg: bool, size: int) -> in
   return min(_ceil_div(height, r), _ceil_div(width, r))
 
 
+def dct_method(config) -> str:
+  """config.input.jpeg_dct_method; TF's default for configs saved before it existed."""
+  return str(config.input.get("jpeg_dct_method", config_checks.DCT_METHODS[0]))
+
+
 def decode_centre_square(data: tf.Tensor, size: int, antialias: bool = False,
-                         max_pixels: int = 2**24) -> tf.Tensor:
+                         max_pixels: int = 2**24, dct: str = "INTEGER_FAST") -> tf.Tensor:
   """Valid encoded JPEG/PNG bytes -> uint8 [size, size, 3] RGB.
 
   The paper's "rescale the shorter side to `size`, take the central size x size crop",
@@ -204,12 +210,13 @@ def decode_centre_square(data: tf.Tensor, size: int, antialias: bool = False,
   in the 2012 data preparation, at about half the pipeline's speed on ILSVRC-sized
   images, hence off by default. An image whose decoded pixels would exceed `max_pixels`
   (`config.input.max_decode_pixels`) fails an assertion instead of allocating them.
+  `dct`: libjpeg's inverse DCT (`config.input.jpeg_dct_method`, see `dct_method`).
   """
-  return quantize(decode_centre_square_float(data, size, antialias, max_pixels))
+  return quantize(decode_centre_square_float(data, size, antialias, max_pixels, dct))
 
 
 def decode_centre_square_float(data: tf.Tensor, size: int, antialias: bool = False,
-                               max_pixels: int = 2**24) -> tf.Tensor:
+                               max_pixels: int = 2**24, dct: str = "INTEGER_FAST") -> tf.Tensor:
   """`decode_centre_square` before rounding: float32 [size, size, 3], values in about
   [0, 255]. Crop it first and `quantize` the crop when only a crop is needed: rounding
   is per pixel, so the result is the same and the rounding touches fewer pixels."""
@@ -234,7 +241,7 @@ def decode_centre_square_float(data: tf.Tensor, size: int, antialias: bool = Fal
         hs, ws = _ceil_div(h, r), _ceil_div(w, r)  # libjpeg's scaled size
         side = tf.cast(tf.minimum(hs, ws), tf.int64)
         return within_limit(side * side, lambda: tf.io.decode_and_crop_jpeg(
-            data, centre_window(hs, ws), channels=3, ratio=r))
+            data, centre_window(hs, ws), channels=3, ratio=r, dct_method=dct))
       return decode
 
     # Full scale is the common case (ILSVRC's shorter sides are mostly 333-375): one
@@ -335,6 +342,7 @@ class Reader:
     self._load = source.loader(which)
     self._size = int(config.input.resize_size)
     self._antialias = bool(config.input.get("resize_antialias", False))
+    self._dct = dct_method(config)
     self._max_pixels = int(config.input.max_decode_pixels)
     self._log = log
     self._careful = careful
@@ -349,7 +357,8 @@ class Reader:
       self._known_mask = tf.constant(mask)
 
   def decode(self, data: tf.Tensor) -> tf.Tensor:
-    return decode_centre_square_float(data, self._size, self._antialias, self._max_pixels)
+    return decode_centre_square_float(data, self._size, self._antialias, self._max_pixels,
+                                      self._dct)
 
   def blank(self):
     """(zeros like a square, label 0): what a bad example gives."""

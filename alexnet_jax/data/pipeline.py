@@ -72,6 +72,7 @@ from alexnet_jax.data.decode import (
     BadImageLog,
     Reader,
     centre_squares,
+    dct_method,
     make_bad_image_log,
     quantize,
 )
@@ -127,7 +128,8 @@ def statistics(config) -> stats_lib.Stats:
   antialias = bool(config.input.get("resize_antialias", False))
   sample = _sample_fingerprint(source, "train", idx)
   path = stats_lib.cache_path(config.dataset.cache_dir, source.identity,
-                              source.split_name("train"), sample, resize, antialias)
+                              source.split_name("train"), sample, resize, antialias,
+                              dct_method(config))
   try:
     cached = stats_lib.load(path)
   except stats_lib.Unreadable as err:  # e.g. a writer killed on a filesystem without rename

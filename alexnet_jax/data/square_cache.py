@@ -27,7 +27,7 @@ import uuid
 import numpy as np
 
 from alexnet_jax.data._tf import AUTOTUNE, tf
-from alexnet_jax.data.decode import BadImageLog, centre_squares
+from alexnet_jax.data.decode import BadImageLog, centre_squares, dct_method
 
 _log = logging.getLogger(__name__)
 _VERSION = 2  # 2: large JPEGs decode at reduced DCT scale (decode.py)
@@ -39,7 +39,8 @@ def cache_dir(config, source, which: str) -> str:
   size = int(config.input.resize_size)
   antialias = bool(config.input.get("resize_antialias", False))
   split = source.split_name(which)
-  key = json.dumps([_VERSION, source.identity, split, size, antialias])
+  key = json.dumps([_VERSION, source.identity, split, size, antialias,
+                    dct_method(config)])
   digest = hashlib.sha1(key.encode()).hexdigest()[:16]
   safe = "".join(c if c.isalnum() else "_" for c in source.identity.split(":")[0])
   return os.path.join(os.path.expanduser(config.dataset.cache_dir), "squares",

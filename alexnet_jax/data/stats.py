@@ -101,10 +101,11 @@ def compute(batches: Iterable[np.ndarray]) -> Stats:
 
 
 def cache_path(cache_dir: str, identity: str, split: str, sample: str, resize_size: int,
-               antialias: bool = False) -> str:
+               antialias: bool, dct: str) -> str:
   """Where the statistics of `sample` (a fingerprint of the sampled examples, e.g. of
-  their paths, sizes and modification times) are cached."""
-  key = json.dumps([_CACHE_VERSION, identity, split, sample, resize_size, antialias])
+  their paths, sizes and modification times) are cached. Everything that changes the
+  decoded pixels is in the key: the size, the resize's antialiasing, the JPEG IDCT."""
+  key = json.dumps([_CACHE_VERSION, identity, split, sample, resize_size, antialias, dct])
   digest = hashlib.sha1(key.encode()).hexdigest()[:16]
   safe = "".join(c if c.isalnum() else "_" for c in identity.split(":")[0])
   return os.fspath(fileio.path(cache_dir) / "stats" / f"{safe}-{digest}.npz")
