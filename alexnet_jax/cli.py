@@ -17,12 +17,13 @@ from collections.abc import Sequence
 import jax
 import ml_collections
 
-from alexnet_jax import checkpoint, config_checks, data, model, parallel
+from alexnet_jax import checkpoint, config_checks, data, fileio, model, parallel
 from alexnet_jax.run import evaluate, setup, train
 
 # Mistakes a user can fix: printed in one line, exit 2, no traceback.
 USER_ERRORS = (config_checks.ConfigError, data.DatasetNotFoundError, *checkpoint.USER_ERRORS,
-               train.NonFiniteLossError, data.BadImageError, FileNotFoundError)
+               train.NonFiniteLossError, data.BadImageError, FileNotFoundError,
+               fileio.WorkdirError)
 
 
 def summary(config: ml_collections.ConfigDict) -> str:

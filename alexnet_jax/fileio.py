@@ -39,6 +39,39 @@ def is_local(p: PathLike) -> bool:
   return "://" not in os.fspath(p)
 
 
+class WorkdirError(OSError):
+  """A --workdir that cannot hold a run: a file, under a file, or not writable. The
+  message names the path, the reason and what to do."""
+
+
+def unwritable_dir(directory: PathLike) -> str | None:
+  """Why `directory` cannot be written (created if missing), or None if it can.
+
+  Local paths only (an object store has no such states; None there). Probes with a real
+  file: permission bits say nothing for root, and a read-only mount only shows on write.
+  Creates `directory` (and its parents) when it can: a run writes there next anyway.
+  """
+  if not is_local(directory):
+    return None
+  d = os.path.abspath(os.path.expanduser(os.fspath(directory)))
+  if os.path.lexists(d) and not os.path.isdir(d):
+    return f"{d} is a file, not a directory"
+  ancestor = d
+  while not os.path.lexists(ancestor):
+    ancestor = os.path.dirname(ancestor)
+  if not os.path.isdir(ancestor):
+    return f"{ancestor} is a file, so {d} cannot be a directory under it"
+  try:
+    os.makedirs(d, exist_ok=True)
+    probe = os.path.join(d, f".write-probe-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    with open(probe, "wb"):
+      pass
+    os.remove(probe)
+  except OSError as err:
+    return f"{d} is not writable ({err.strerror})"
+  return None
+
+
 def write_bytes(target: PathLike, data: bytes) -> None:
   """Writes `data` to `target` atomically, creating its directory."""
   target = path(target)

@@ -13,6 +13,7 @@ import glob
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -149,6 +150,74 @@ def test_a_run_killed_during_its_final_evaluation_completes_it_on_rerun(run_copy
   assert f"step {STEPS + 1}/" not in out.stderr and "loss" not in out.stderr.split("Resumed")[-1]
 
 
+# ------------------------------------------------------------------ workdirs that cannot be written
+
+
+@pytest.mark.parametrize("where", ["file", "under_a_file"])
+def test_a_workdir_that_cannot_be_a_directory_is_one_line(tmp_path, run, where):
+  blocker = tmp_path / "results.txt"
+  blocker.write_text("mine")
+  workdir = blocker if where == "file" else blocker / "run"
+  line = _one_line_error(run(str(workdir)))
+  assert f"{blocker} is a file" in line and "nothing was written" in line
+  assert blocker.read_text() == "mine" and os.listdir(tmp_path) == ["results.txt"]
+
+
+def test_a_batch_larger_than_the_dataset_is_one_line(tmp_path, run):
+  line = _one_line_error(run(str(tmp_path / "run"), batch_size=65536))
+  assert "config.batch_size: 65536 exceeds the dataset's 80 training examples" in line
+  assert not (tmp_path / "run").exists()
+
+
+READ_ONLY_DRIVER = """
+import sys
+sys.path[:0] = [sys.argv[1], sys.argv[1] + "/tests"]
+from absl import logging
+from alexnet_jax import cli
+from conftest import smoke_config
+logging.set_verbosity("info")  # as main.py's app.run does
+for arg in sys.argv[3:]:
+  workdir, steps = arg.split(",")
+  code = cli.run("train", smoke_config(sys.argv[2], num_train_steps=int(steps)), workdir)
+  print("EXIT", code, flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_a_read_only_workdir(run_copy, tmp_path, smoke_cache):
+  """A workdir on a read-only mount (root ignores permission bits, so as root the test
+  remounts the workdirs read-only in a private mount namespace; otherwise chmod a-w):
+  rerunning a finished run reports it (nothing to write); resuming or starting is one
+  line saying what to do; nothing is lost."""
+  unfinished, fresh = str(tmp_path / "unfinished"), str(tmp_path / "fresh")
+  shutil.copytree(run_copy, unfinished)
+  os.mkdir(fresh)
+  dirs = [run_copy, unfinished, fresh]
+  before = {d: _tree(d) for d in dirs}
+  cmd = [sys.executable, "-c", READ_ONLY_DRIVER, ROOT, smoke_cache,
+         f"{run_copy},{STEPS}", f"{unfinished},{STEPS + 2}", f"{fresh},{STEPS}"]
+  if os.geteuid() == 0:
+    mounts = " && ".join(f"mount --bind {d} {d} && mount -o remount,ro,bind {d}" for d in dirs)
+    cmd = ["unshare", "--mount", "sh", "-c",
+           f'mount --make-rprivate / && {mounts} && exec "$@"', "sh", *cmd]
+  else:
+    for d in dirs:
+      subprocess.run(["chmod", "-R", "a-w", d], check=True)
+  out = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+  if os.geteuid() != 0:
+    for d in dirs:
+      subprocess.run(["chmod", "-R", "u+w", d], check=True)
+  codes = [int(line.split()[1]) for line in out.stdout.splitlines() if line.startswith("EXIT")]
+  assert codes == [0, 2, 2], out.stdout + out.stderr[-3000:]
+  assert "Run already finished at step 4" in out.stderr
+  errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+  assert len(errors) == 2 and "Traceback" not in out.stderr, out.stderr[-3000:]
+  assert f"{unfinished} is not writable" in errors[0] and "resume from step 4" in errors[0]
+  assert f"{fresh} is not writable" in errors[1] and "to start" in errors[1]
+  assert all("--mode=eval" in e and "cp -r" in e for e in errors)
+  assert {d: _tree(d) for d in dirs} == before
+
+
 # ------------------------------------------------------------------ damaged side files
 
 
@@ -256,6 +325,10 @@ def test_a_second_run_on_the_same_workdir_is_refused_and_a_dead_holder_is_taken_
         break
     line = _one_line_error(run(workdir, num_train_steps=100000))
     assert f"pid {first.pid}" in line
+    # Deleting .lock (the holder's details) does not let a second run in: the lock is
+    # the directory's.
+    os.remove(os.path.join(workdir, ".lock"))
+    assert ".lock was deleted" in _one_line_error(run(workdir, num_train_steps=100000))
   finally:
     first.kill()  # like kill -9: no clean-up, the lock file stays behind
     first.wait()

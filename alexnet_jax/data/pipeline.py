@@ -55,6 +55,7 @@ from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 
+from alexnet_jax import config_checks
 from alexnet_jax.data import square_cache
 from alexnet_jax.data import stats as stats_lib
 from alexnet_jax.data._tf import AUTOTUNE, parallel_calls, tf
@@ -105,8 +106,10 @@ def steps_per_epoch(config, info: DatasetInfo) -> int:
   """Full global batches per epoch (training drops each epoch's remainder)."""
   n = info.num_train // int(config.batch_size)
   if n == 0:
-    raise ValueError(f"config.batch_size={config.batch_size} exceeds the {info.num_train} "
-                     "training examples")
+    raise config_checks.ConfigError(
+        "batch_size", f"{config.batch_size} exceeds the dataset's {info.num_train} training "
+        f"examples (an epoch drops its remainder, so no step would run): use at most "
+        f"{info.num_train}")
   return n
 
 

@@ -115,6 +115,32 @@ def _finished(config: ml_collections.ConfigDict, workdir, step: int) -> dict | N
   return None
 
 
+def _finished_read_only(run: setup.RunSetup, workdir: str, problem: str) -> dict:
+  """A workdir training cannot write: a finished run's final metrics (a rerun changes
+  nothing, so it needs no writing), else a WorkdirError saying what to do."""
+  ckpt = checkpoint_lib.Checkpointer(workdir, read_only=True) if os.path.isdir(workdir) else None
+  try:
+    step = ckpt.latest_step() if ckpt is not None else None
+  finally:
+    if ckpt is not None:
+      ckpt.close()
+  final = None
+  if step is not None and step >= run.num_train_steps:
+    final = _finished(run.config, workdir, step)
+  if final is not None:
+    logging.info("Run already finished at step %d (%s; nothing to write): %s unchanged.",
+                 step, problem, fileio.path(workdir) / FINAL_METRICS)
+    return final
+  if "not writable" not in problem:
+    raise fileio.WorkdirError(f"--workdir: {problem}; give a directory's path (nothing was "
+                              "written)")
+  where = f"resume from step {step}" if step is not None else "start"
+  raise fileio.WorkdirError(
+      f"--workdir: {problem}, and training must write there to {where} (checkpoints, "
+      "metrics, events). Make it writable, or copy the run (cp -r OLD NEW) and pass "
+      "--workdir=NEW; --mode=eval and --mode=predict read it as it is")
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                        run: setup.RunSetup | None = None,
                        allow_config_changes: bool = False) -> dict[str, float]:
@@ -127,6 +153,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   """
   run = run or setup.build(config, workdir, mode="train")
   is_lead = jax.process_index() == 0
+  problem = fileio.unwritable_dir(workdir)
+  if problem is not None:
+    return _finished_read_only(run, workdir, problem)
   ckpt = checkpoint_lib.Checkpointer(workdir, keep=config.keep_checkpoints)
   try:
     if ckpt.latest_step() is not None:
