@@ -176,9 +176,9 @@ from absl import logging
 from alexnet_jax import cli
 from conftest import smoke_config
 logging.set_verbosity("info")  # as main.py's app.run does
-for arg in sys.argv[3:]:
-  workdir, steps = arg.split(",")
-  code = cli.run("train", smoke_config(sys.argv[2], num_train_steps=int(steps)), workdir)
+for arg in sys.argv[2:]:
+  workdir, steps, cache = arg.split(",")
+  code = cli.run("train", smoke_config(cache, num_train_steps=int(steps)), workdir)
   print("EXIT", code, flush=True)
 """
 
@@ -188,14 +188,18 @@ def test_a_read_only_workdir(run_copy, tmp_path, smoke_cache):
   """A workdir on a read-only mount (root ignores permission bits, so as root the test
   remounts the workdirs read-only in a private mount namespace; otherwise chmod a-w):
   rerunning a finished run reports it (nothing to write); resuming or starting is one
-  line saying what to do; nothing is lost."""
+  line saying what to do; nothing is lost. A read-only dataset.cache_dir (e.g. under a
+  read-only HOME) is named."""
   unfinished, fresh = str(tmp_path / "unfinished"), str(tmp_path / "fresh")
+  cache = str(tmp_path / "cache")
   shutil.copytree(run_copy, unfinished)
   os.mkdir(fresh)
-  dirs = [run_copy, unfinished, fresh]
+  os.mkdir(cache)
+  dirs = [run_copy, unfinished, fresh, cache]
   before = {d: _tree(d) for d in dirs}
-  cmd = [sys.executable, "-c", READ_ONLY_DRIVER, ROOT, smoke_cache,
-         f"{run_copy},{STEPS}", f"{unfinished},{STEPS + 2}", f"{fresh},{STEPS}"]
+  cmd = [sys.executable, "-c", READ_ONLY_DRIVER, ROOT,
+         f"{run_copy},{STEPS},{smoke_cache}", f"{unfinished},{STEPS + 2},{smoke_cache}",
+         f"{fresh},{STEPS},{smoke_cache}", f"{tmp_path / 'elsewhere'},{STEPS},{cache}"]
   if os.geteuid() == 0:
     mounts = " && ".join(f"mount --bind {d} {d} && mount -o remount,ro,bind {d}" for d in dirs)
     cmd = ["unshare", "--mount", "sh", "-c",
@@ -208,13 +212,15 @@ def test_a_read_only_workdir(run_copy, tmp_path, smoke_cache):
     for d in dirs:
       subprocess.run(["chmod", "-R", "u+w", d], check=True)
   codes = [int(line.split()[1]) for line in out.stdout.splitlines() if line.startswith("EXIT")]
-  assert codes == [0, 2, 2], out.stdout + out.stderr[-3000:]
+  assert codes == [0, 2, 2, 2], out.stdout + out.stderr[-3000:]
   assert "Run already finished at step 4" in out.stderr
   errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
-  assert len(errors) == 2 and "Traceback" not in out.stderr, out.stderr[-3000:]
+  assert len(errors) == 3 and "Traceback" not in out.stderr, out.stderr[-3000:]
   assert f"{unfinished} is not writable" in errors[0] and "resume from step 4" in errors[0]
   assert f"{fresh} is not writable" in errors[1] and "to start" in errors[1]
-  assert all("--mode=eval" in e and "cp -r" in e for e in errors)
+  assert all("--mode=eval" in e and "cp -r" in e for e in errors[:2])
+  assert errors[2].startswith(f"error: config.dataset.cache_dir: '{cache}': {cache} is not "
+                              "writable") and "--config.dataset.cache_dir=" in errors[2]
   assert {d: _tree(d) for d in dirs} == before
 
 

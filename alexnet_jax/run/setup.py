@@ -73,6 +73,7 @@ def build(config: ml_collections.ConfigDict, workdir: str | None = None, *,
     logging.warning("%s: recomputing it from the dataset (record() writes it again)", err)
   info = None
   if mode != "predict" or recorded is None:
+    _check_cache_dir(config)
     # Recorded class names fix the labels (an image folder then needs only the split
     # it is read for); the dataset must then have those classes.
     try:
@@ -105,6 +106,17 @@ def build(config: ml_collections.ConfigDict, workdir: str | None = None, *,
   return RunSetup(config=config, mesh=mesh, layout=steps.state_layout(config, mesh),
                   share=parallel.data_share(mesh), class_names=tuple(class_names), stats=stats,
                   info=info, steps_per_epoch=spe, num_train_steps=total, schedule=schedule)
+
+
+def _check_cache_dir(config: ml_collections.ConfigDict) -> None:
+  """dataset.cache_dir (default under HOME) receives the demo data, the statistics and the
+  square cache: one that cannot be written is named before any of them is made."""
+  problem = fileio.unwritable_dir(config.dataset.cache_dir)
+  if problem is not None:
+    raise config_checks.ConfigError(
+        "dataset.cache_dir", f"{config.dataset.cache_dir!r}: {problem}; the demo data, "
+        "input statistics and square cache are written there: pass "
+        "--config.dataset.cache_dir=A_WRITABLE_DIR")
 
 
 def record(run: RunSetup, workdir: str) -> None:
