@@ -131,6 +131,9 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   # CPU, a faster step (the activations of 32 images stay in cache; see
   # BENCHMARKS.md). Must divide the per-device batch.
   c.microbatch_size = 0
+  # Refuse, before compiling, a train step estimated not to fit in memory (the message
+  # names the largest batch that fits; alexnet_jax/memory.py says how it is estimated).
+  c.memory_check = True
   c.optim = o = ml_collections.ConfigDict()
   o.optimizer = "sgd"  # the paper's momentum SGD; "adam" only for small quick demos
   o.learning_rate = 0.01
@@ -153,7 +156,10 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   c.num_train_steps = -1  # > 0 wins over num_epochs
   c.eval_every_steps = 10_000  # the paper's plateau schedule reads these evals
   c.eval_ten_crop = True
-  c.eval_batch_size = 128
+  c.eval_batch_size = 128  # also --mode=predict's files decoded and classified at a time
+  # --mode=eval --follow: how often the evaluator beside a training run lists its
+  # checkpoints for a new one (one directory listing: cheap locally and on GCS).
+  c.eval_follow_poll_seconds = 30.0
   c.checkpoint_every_steps = 2_000
   c.keep_checkpoints = 3
   c.log_every_steps = 100
@@ -194,4 +200,5 @@ def apply_smoke(c: ml_collections.ConfigDict) -> None:
   c.eval_every_steps = 2
   c.checkpoint_every_steps = 2
   c.log_every_steps = 1
+  c.eval_follow_poll_seconds = 1.0
   c.figures.enabled = False

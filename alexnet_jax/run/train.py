@@ -35,7 +35,7 @@ from flax import traverse_util
 from jax.experimental import multihost_utils
 
 from alexnet_jax import checkpoint as checkpoint_lib
-from alexnet_jax import data, fileio, optim, parallel, steps
+from alexnet_jax import data, fileio, memory, optim, parallel, steps
 from alexnet_jax.run import evaluate, setup
 
 FINAL_METRICS = "final_metrics.json"
@@ -176,6 +176,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       if final is not None:
         logging.info("Run already finished at step %d: %s unchanged.", start, final_path)
         return final
+    if start < run.num_train_steps:  # before anything is written or compiled
+      memory.check_train_step_fits(config, run.layout)
     setup.record(run, workdir)
     if is_lead:
       # config.json = the config of the latest start; configs/<step>.json keeps each one.
