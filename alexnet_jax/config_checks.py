@@ -49,6 +49,13 @@ def check_model(m: ml_collections.ConfigDict, prefix: str = "model") -> None:
            f"unknown activation {m.activation!r}; choose one of {sorted(model_lib.ACTIVATIONS)}")
   _require(m.compute_dtype in model_lib.DTYPES, f("compute_dtype"),
            f"unknown dtype {m.compute_dtype!r}; choose one of {sorted(model_lib.DTYPES)}")
+  conv_impl = m.get("conv_impl", "auto")
+  _require(conv_impl in model_lib.CONV_IMPLS, f("conv_impl"),
+           f"unknown convolution {conv_impl!r}; choose one of {model_lib.CONV_IMPLS}")
+  if conv_impl == "onednn":
+    _require(model_lib.kernels.available(), f("conv_impl"),
+             f"oneDNN's convolutions are unavailable: {model_lib.kernels.unavailable_reason()}"
+             "; use 'auto' or 'xla'")
   _require(m.dropout_style in ("inverted", "scale_at_test"), f("dropout_style"),
            f"must be 'inverted' or 'scale_at_test', got {m.dropout_style!r}")
   _require(0.0 <= m.dropout_rate < 1.0, f("dropout_rate"),

@@ -33,6 +33,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from absl import logging
+
+from alexnet_jax import kernels
 
 CONV_LAYERS = ("conv1", "conv2", "conv3", "conv4", "conv5")
 FC_LAYERS = ("fc6", "fc7", "fc8")
@@ -238,8 +241,35 @@ def _strided_conv_bwd(stride, padding, res, g):
 _strided_conv.defvjp(_strided_conv_fwd, _strided_conv_bwd)
 
 
+CONV_IMPLS = ("auto", "xla", "onednn")
+
+
+@functools.cache
+def _auto_conv_impl(backend: str) -> str:
+  if backend != "cpu":
+    return "xla"  # GPUs: cuDNN through XLA
+  if kernels.available():
+    return "onednn"
+  logging.warning("model.conv_impl=auto: XLA's convolutions, not oneDNN's: %s",
+                  kernels.unavailable_reason())
+  return "xla"
+
+
+def resolve_conv_impl(impl: str) -> str:
+  """model.conv_impl as used: "auto" is oneDNN's on CPU where the extension is built
+  (alexnet_jax/kernels), else XLA's (logged once, with the reason)."""
+  if impl not in CONV_IMPLS:
+    raise ValueError(f"conv_impl must be one of {CONV_IMPLS}, got {impl!r}")
+  return _auto_conv_impl(jax.default_backend()) if impl == "auto" else impl
+
+
 def conv(x: jax.Array, kernel: jax.Array, bias: jax.Array, stride: int,
-         padding: tuple[int, int]) -> jax.Array:
+         padding: tuple[int, int], impl: str = "xla") -> jax.Array:
+  """NHWC x HWIO convolution plus bias; impl: "xla" or "onednn" (resolve_conv_impl)."""
+  if impl == "onednn":
+    # oneDNN's forward, backward-data and backward-weights kernels (PyTorch's on CPU),
+    # called from the jitted step through XLA's FFI.
+    return kernels.conv(x, kernel, stride, tuple(padding)) + bias
   # The im2col kernel gradient answers a weakness of XLA's CPU convolutions;
   # GPUs (cuDNN) keep XLA's own.
   if stride > 1 and jax.default_backend() == "cpu":
@@ -351,6 +381,7 @@ class AlexNet:
         out.append(jnp.where(keep, x * scale, 0.0).astype(x.dtype))
       return out
 
+    conv_impl = resolve_conv_impl(cfg.get("conv_impl", "auto"))
     captured = {}
     x = images.astype(dtype)
     xs = [x] * local_towers
@@ -359,7 +390,8 @@ class AlexNet:
         xs = [exchange(xs)] * local_towers
       p = params[name]
       xs = [conv(x, p["kernel"][t].astype(dtype), p["bias"][t].astype(dtype),
-                 cfg.conv_stride[i], conv_padding(cfg, i)) for t, x in enumerate(xs)]
+                 cfg.conv_stride[i], conv_padding(cfg, i), conv_impl)
+          for t, x in enumerate(xs)]
       if capture:
         captured[name] = jnp.stack(xs)
       use_lrn = cfg.lrn.enabled and name in cfg.lrn.layers

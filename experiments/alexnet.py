@@ -69,6 +69,11 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   m.init_weight_std = (0.01, 0.01, 0.01, 0.01, 0.01, 0.01, 0.01, 0.01)
   m.init_bias = (0.0, 1.0, 0.0, 1.0, 1.0, 1.0, 1.0, 0.0)
   m.compute_dtype = "float32"  # or "bfloat16"; parameters stay float32.
+  # Convolutions: "xla" (XLA's own; on CPU with an im2col kernel gradient for conv1),
+  # "onednn" (oneDNN's, PyTorch's CPU kernels, through XLA's FFI: alexnet_jax/kernels,
+  # built by `pip install -e .` where a C++ compiler is), or "auto": oneDNN's on CPU
+  # when that extension is built, XLA's otherwise (GPU; or no extension: one log line).
+  m.conv_impl = "auto"
 
   # ---------------------------------------------------------------- mesh
   c.mesh = ml_collections.ConfigDict()
