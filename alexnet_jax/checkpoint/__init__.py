@@ -9,6 +9,10 @@ What this package guarantees (tests/test_checkpoint.py checks each):
   * restore verifies the checksums; a damaged or incomplete newest checkpoint is reported
     in one warning and the newest intact one is used; a writer moves the steps passed
     over to `workdir/damaged_checkpoints/` so that the run can save them again;
+  * a reader beside a live run (eval, predict, the follow-mode evaluator) re-lists the
+    steps after a failed read: a step the writer deleted meanwhile (its keep policy) is
+    "gone", said in one INFO line, never "damaged"; a reader never moves or advises moving
+    checkpoints, and a step still being written (orbax's tmp directory) is never listed;
   * a failed write (disk full) is one CheckpointWriteError; the previous checkpoint stays
     intact;
   * a writer on a local workdir holds the workdir lock (alexnet_jax/lock.py) before orbax
@@ -25,12 +29,12 @@ use are here.
 
 from alexnet_jax.checkpoint.compatibility import ALLOW_CHANGES_FLAG, MODEL_FREE, RESUMABLE
 from alexnet_jax.checkpoint.errors import (USER_ERRORS, CheckpointCorrupt, CheckpointError,
-                                           CheckpointMismatch, CheckpointNotFound,
-                                           CheckpointWriteError)
+                                           CheckpointGone, CheckpointMismatch,
+                                           CheckpointNotFound, CheckpointWriteError)
 from alexnet_jax.checkpoint.integrity import fingerprint
 from alexnet_jax.checkpoint.store import BEST_METRIC, DAMAGED_DIR, FORMAT, Checkpointer
 
 __all__ = ["ALLOW_CHANGES_FLAG", "BEST_METRIC", "DAMAGED_DIR", "FORMAT", "MODEL_FREE",
-           "RESUMABLE", "USER_ERRORS", "CheckpointCorrupt", "CheckpointError",
+           "RESUMABLE", "USER_ERRORS", "CheckpointCorrupt", "CheckpointError", "CheckpointGone",
            "CheckpointMismatch", "CheckpointNotFound", "CheckpointWriteError", "Checkpointer",
            "fingerprint"]

@@ -4,8 +4,8 @@ Guarantees: every problem the CLI should print in one line, without a traceback,
 CheckpointError or the lock's WorkdirLocked (USER_ERRORS); a failed write is recognised by
 the OS's reason however deep orbax and tensorstore wrapped it (`write_failure`); and what
 orbax itself prints about a failure that the Checkpointer reports (a traceback per writer
-thread, tracebacks of abandoned coroutines, a reader's read-only notice) is dropped, and
-nothing else is.
+thread, tracebacks of abandoned coroutines, a reader's read-only notice, the missing
+metadata of a step deleted while a reader lists it) is dropped, and nothing else is.
 """
 
 from __future__ import annotations
@@ -37,6 +37,15 @@ class CheckpointMismatch(CheckpointError, ValueError):
 
 class CheckpointNotFound(CheckpointError, FileNotFoundError):
   """No checkpoint at all, or none for the step asked for."""
+
+
+class CheckpointGone(CheckpointNotFound):
+  """A listed step went away while it was read: the live run writing the workdir deleted
+  it (its keep policy) after saving a newer one. Not damage: nothing to mend or move."""
+
+  def __init__(self, message: str, step: int):
+    super().__init__(message)
+    self.step = step
 
 
 class CheckpointCorrupt(CheckpointError):
@@ -128,6 +137,28 @@ def drop_orbax_leftovers() -> None:
 
   hook.drops_orbax_leftovers = True
   sys.unraisablehook = hook
+  # The tasks of a failed read that asyncio collects unawaited: it logs each one with
+  # its traceback ("Task exception was never retrieved").
+  std_logging.getLogger("asyncio").addFilter(_DropAbandonedOrbaxTasks())
+
+
+class _DropAbandonedOrbaxTasks(std_logging.Filter):
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    text = record.getMessage()
+    return not ("exception was never retrieved" in text
+                and ("orbax" in text or "Error reading" in text))
+
+
+class DropOrbaxVanishedStepNotices(std_logging.Filter):
+  """orbax warns 'Metadata file does not exist' (or logs an error reading it) when a step
+  it lists or reads is deleted meanwhile: for a reader beside a live run, a step its
+  writer's keep policy deletes. The Checkpointer reports such a step once, as gone, and
+  a damaged one by its own missing-file check."""
+
+  _NOTICES = ("Metadata file does not exist", "Failed to read Metadata file")
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    return not ("orbax" in record.pathname and str(record.msg).startswith(self._NOTICES))
 
 
 class _DropOrbaxReadOnlyNotice(std_logging.Filter):

@@ -17,6 +17,7 @@ import datetime
 import json
 import logging as std_logging
 import math
+import time
 
 import jax
 import ml_collections
@@ -27,13 +28,20 @@ from absl import logging
 from alexnet_jax import fileio
 from alexnet_jax import lock as lock_lib
 from alexnet_jax.checkpoint import compatibility, disk, errors, integrity
-from alexnet_jax.checkpoint.errors import (CheckpointCorrupt, CheckpointNotFound,
-                                           CheckpointWriteError)
+from alexnet_jax.checkpoint.errors import (CheckpointCorrupt, CheckpointGone,
+                                           CheckpointNotFound, CheckpointWriteError)
 
 BEST_METRIC = "top1_error"
 FORMAT = 2  # meta["format"]; checkpoints without it (format 1) carry no checksums
 DAMAGED_DIR = "damaged_checkpoints"  # under workdir: newer steps set aside on a fallback
 _ITEMS = ("state", "meta")
+# A live writer deletes an old step file by file after saving a newer one, so a reader can
+# find it half deleted yet still listed. A reader waits this long for such a step (older
+# than the newest) to leave the listing before calling it damaged: local deletes take
+# milliseconds, an object store's a few seconds at most.
+DELETION_WAIT_SECONDS = 5.0
+_DELETION_POLL_SECONDS = 0.1
+_LISTING_TRIES = 5  # a step deleted while orbax lists it fails that listing: list again
 
 
 def _error(metrics) -> float:
@@ -65,14 +73,18 @@ class Checkpointer:
     self.read_only = read_only
     self._lock = None
     self._quiet_writes = None
+    self._quiet_vanished = None
     self._pending: tuple[int, int] | None = None  # (step, bytes) of the save in flight
     if read_only:
+      self._quiet_vanished = errors.DropOrbaxVanishedStepNotices()
+      std_logging.getLogger("absl").addFilter(self._quiet_vanished)
       # best_fn as a writer's, so that orbax's best_step() names the step the writer keeps.
       options = ocp.CheckpointManagerOptions(read_only=True, create=False,
                                              save_interval_steps=0, best_fn=_error,
                                              best_mode="min")
       with errors.quiet_read_only_notice():
-        self.manager = ocp.CheckpointManager(self._dir, options=options, item_names=_ITEMS)
+        self.manager = _listed(lambda: ocp.CheckpointManager(self._dir, options=options,
+                                                             item_names=_ITEMS))
       return
     if fileio.is_local(self._workdir):
       self._lock = self._take_lock()
@@ -118,9 +130,10 @@ class Checkpointer:
     if self._lock is not None:
       self._lock.release()
       self._lock = None
-    if self._quiet_writes is not None:
-      std_logging.getLogger("absl").removeFilter(self._quiet_writes)
-      self._quiet_writes = None
+    for name in ("_quiet_writes", "_quiet_vanished"):
+      if getattr(self, name) is not None:
+        std_logging.getLogger("absl").removeFilter(getattr(self, name))
+        setattr(self, name, None)
 
   # ---------------------------------------------------------------- steps
 
@@ -133,7 +146,24 @@ class Checkpointer:
   newest_finite_step = latest_step
 
   def all_steps(self) -> list[int]:
+    """The steps listed when the manager last read the directory (see refresh)."""
     return sorted(self.manager.all_steps())
+
+  def refresh(self) -> list[int]:
+    """The steps on disk now: a reader beside a live run re-lists, as its writer saves new
+    steps and deletes old ones. Steps still being written (orbax's tmp directories) are
+    never listed."""
+    _listed(self.manager.reload)
+    return self.all_steps()
+
+  def _being_written(self) -> str:
+    """' (step N is being written ...)' where orbax's tmp directory of a save is there."""
+    try:
+      tmp = sorted(p.name.split(".")[0] for p in self._dir.glob("*.orbax-checkpoint-tmp*"))
+    except OSError:
+      return ""
+    return (f" (step {', '.join(tmp)} is being written, or was when its run stopped: "
+            "rerun once it is saved)" if tmp else "")
 
   # ---------------------------------------------------------------- save
 
@@ -232,36 +262,86 @@ class Checkpointer:
     step None: the newest intact checkpoint. A damaged one is reported in one warning
     and the next older one tried; for a writer, the newer steps that were passed over
     are moved to workdir/damaged_checkpoints/ so the run can save those steps again.
-    With an explicit step, CheckpointCorrupt names what is wrong.
+    With an explicit step, CheckpointCorrupt names what is wrong. A step that fails to
+    read is listed again first: one a live writer deleted meanwhile (a reader beside a
+    training run) is gone, not damaged: one INFO line and the newest one left is tried
+    (for an explicit step, CheckpointGone).
     config: compared first (compatibility.compare: the whole run for a writer, the
     network for a reader; refusals before any array is read); the allowed differences
-    are logged. Raises CheckpointNotFound, CheckpointMismatch, CheckpointCorrupt.
+    are logged. Raises CheckpointNotFound (CheckpointGone), CheckpointMismatch,
+    CheckpointCorrupt.
     """
     steps = self.all_steps()
     if not steps:
-      raise CheckpointNotFound(f"no checkpoint in {self.directory}")
+      raise CheckpointNotFound(f"no checkpoint in {self.directory}{self._being_written()}")
     if step is not None:
       if step not in steps:
         raise CheckpointNotFound(f"no checkpoint for step {step} in {self.directory}; "
-                                 f"available: {steps}")
-      return self._restore_step(step, abstract_state, config, allow_changes)
+                                 f"available: {steps}{self._being_written()}")
+      try:
+        return self._restore_step(step, abstract_state, config, allow_changes)
+      except CheckpointCorrupt:
+        if not self._went_away(step):
+          raise
+        raise CheckpointGone(
+            f"checkpoint step {step} in {self.directory} went away while it was read: the "
+            "run writing it deleted it after saving a newer one (keep_checkpoints); "
+            f"available now: {self.all_steps()}", step) from None
     problems: dict[int, str] = {}
-    for s in reversed(steps):
+    gone: list[int] = []
+    while left := [s for s in steps if s not in problems and s not in gone]:
+      s = left[-1]
       try:
         state = self._restore_step(s, abstract_state, config, allow_changes)
       except CheckpointCorrupt as err:
-        problems[s] = err.problems[s]
-        logging.warning("checkpoint step %d in %s is not usable (%s); trying the one before.",
-                        s, self.directory, problems[s])
+        if self._went_away(s):
+          gone.append(s)
+          logging.info("checkpoint step %d in %s went away while it was read (the run "
+                       "writing it deleted it after saving a newer one): using the newest "
+                       "one left.", s, self.directory)
+        else:
+          problems[s] = err.problems[s]
+          logging.warning("checkpoint step %d in %s is not usable (%s); trying the one "
+                          "before.", s, self.directory, problems[s])
+        steps = self.all_steps()  # a reader's _went_away listed them again: newer ones too
         continue
       if problems and not self.read_only:
         self._set_aside(sorted(problems))
       return state
+    if not problems:
+      raise CheckpointNotFound(
+          f"no checkpoint in {self.directory}: step {', '.join(map(str, gone))} went away "
+          "while it was read (deleted by the run writing it)")
+    found = "; ".join(f"step {s}: {p}" for s, p in sorted(problems.items()))
+    if self.read_only:
+      # A reader may be beside a live run: whatever it found, the checkpoints are the
+      # writer's to mend (a resumed run sets damaged steps aside itself).
+      raise CheckpointCorrupt(
+          f"no intact checkpoint in {self.directory}: {found}. Nothing was changed. If a "
+          "run is training there, rerun this once it has saved its next checkpoint; "
+          "resuming the training sets damaged steps aside.", problems)
     raise CheckpointCorrupt(
-        f"no intact checkpoint in {self.directory}: "
-        + "; ".join(f"step {s}: {p}" for s, p in sorted(problems.items()))
-        + ". Nothing was changed; move them away (or use a new --workdir) to start afresh.",
-        problems)
+        f"no intact checkpoint in {self.directory}: {found}. Nothing was changed; move them "
+        "away (or use a new --workdir) to start afresh.", problems)
+
+  def _went_away(self, step: int) -> bool:
+    """Whether `step`, which a reader failed to read, is a step a live writer deleted (or
+    is deleting), not a damaged one: it has left the listing, or leaves it within
+    DELETION_WAIT_SECONDS while a newer step is there. Never for a writer: it holds the
+    workdir lock, so no other run deletes its steps."""
+    if not self.read_only:
+      return False
+    steps = self.refresh()
+    if step not in steps:
+      return True
+    if step >= steps[-1]:
+      return False  # the newest step is never the one a writer deletes
+    deadline = time.monotonic() + DELETION_WAIT_SECONDS
+    while time.monotonic() < deadline:
+      time.sleep(_DELETION_POLL_SECONDS)
+      if step not in self.refresh():
+        return True
+    return False
 
   def _restore_step(self, step: int, abstract_state, config, allow_changes: bool):
     def corrupt(problem: str) -> CheckpointCorrupt:
@@ -308,3 +388,16 @@ class Checkpointer:
 
       multihost_utils.sync_global_devices("alexnet_jax checkpoint set aside")
     self.manager.reload()
+
+
+def _listed(read):
+  """read() (a manager's listing of the steps), tried again where a step was deleted
+  while orbax read its metadata: the listing itself then fails (FileNotFoundError, or
+  NotADirectoryError from orbax's metadata check)."""
+  for attempt in range(_LISTING_TRIES):
+    try:
+      return read()
+    except OSError:
+      if attempt == _LISTING_TRIES - 1:
+        raise
+      time.sleep(_DELETION_POLL_SECONDS)
