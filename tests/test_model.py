@@ -9,7 +9,7 @@ import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from alexnet_jax import config_checks, parallel
+from alexnet_jax import config_checks, kernels, parallel
 from alexnet_jax import model as model_lib
 from experiments import alexnet, alexnet_2012_code, single_column
 
@@ -404,11 +404,15 @@ _CONV_GEOMETRY = {"conv1": (11, 4, (2, 1), 35), "conv2": (5, 1, (2, 2), 13),
                   "conv5": (3, 1, (1, 1), 9)}
 
 
+@pytest.mark.parametrize("impl", ["xla", "onednn"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("layer", list(_CONV_GEOMETRY))
-def test_conv_and_its_gradients_equal_xlas_convolution(layer, dtype):
-  """model.conv (conv1's kernel gradient is our im2col + matmul on CPU) against
-  lax.conv_general_dilated and its own autodiff: values and both gradients."""
+def test_conv_and_its_gradients_equal_xlas_convolution(layer, dtype, impl):
+  """model.conv (xla: conv1's kernel gradient is our im2col + matmul on CPU; onednn:
+  oneDNN's three kernels through XLA's FFI) against lax.conv_general_dilated and its own
+  autodiff: values and both gradients."""
+  if impl == "onednn" and not kernels.available():
+    pytest.skip(kernels.unavailable_reason())
   kernel_size, stride, padding, side = _CONV_GEOMETRY[layer]
   rng = np.random.default_rng(7)  # numpy: XLA would compile a sampler per shape
   dt = model_lib.DTYPES[dtype]
@@ -423,7 +427,7 @@ def test_conv_and_its_gradients_equal_xlas_convolution(layer, dtype):
                                         dimension_numbers=("NHWC", "HWIO", "NHWC")) + bias
 
   def ours(x, kernel, bias):
-    return model_lib.conv(x, kernel, bias, stride, padding)
+    return model_lib.conv(x, kernel, bias, stride, padding, impl)
 
   def value_and_grads(f):
     y, vjp = jax.vjp(f, x, kernel, bias)
@@ -431,8 +435,9 @@ def test_conv_and_its_gradients_equal_xlas_convolution(layer, dtype):
 
   got = jax.jit(lambda: value_and_grads(ours))()
   want = jax.jit(lambda: value_and_grads(xla))()
-  # float32: summation order only; bfloat16: our dW is a bf16 matmul, XLA's conv
-  # accumulates differently (a few bf16 roundings of a sum of ~kh*kw*C*B*H*W terms).
+  # float32: summation order only; bfloat16: our dW is a bf16 matmul (oneDNN's: float32,
+  # rounded once), XLA's conv accumulates differently (a few bf16 roundings of a sum of
+  # ~kh*kw*C*B*H*W terms).
   tol = 1e-5 if dtype == "float32" else 2e-2
   for name, g, w in zip(("value", "d_input", "d_kernel", "d_bias"), got, want, strict=True):
     assert g.dtype == w.dtype and g.shape == w.shape, name
