@@ -7,6 +7,7 @@ gradients lose their op_name, so they are matched by their output shape (a permu
 of the layer's kernel shape). Prints a Markdown table and one JSON line (last).
 
   python -m benchmarks.profile_step [--batch=32] [--dtype=float32] [--steps=2] [--microbatch=0]
+      [--conv_impl=auto|xla|onednn]
 """
 
 from __future__ import annotations
@@ -47,10 +48,20 @@ def layer_shapes(config) -> dict[str, dict[str, tuple[int, ...]]]:
   return out
 
 
-def classify(name: str, shape: tuple[int, ...], op_name: str, layers) -> tuple[str, str]:
-  """(layer or activation shape, what) for one HLO op."""
+def classify(name: str, shape: tuple[int, ...], op_name: str, layers,
+             target: str = "") -> tuple[str, str]:
+  """(layer or activation shape, what) for one HLO op (target: a custom call's)."""
   kind = op_name.rsplit("/", 1)[-1] if op_name else ""
   direction = "bwd" if "transpose(" in op_name else "fwd"
+  if target.startswith("alexnet_onednn_conv_"):  # model.conv_impl=onednn (FFI calls)
+    which = target.removeprefix("alexnet_onednn_conv_")
+    want, what = {"forward": ("out", "conv forward"),
+                  "backward_data": ("in", "conv input grad (dX)"),
+                  "backward_weights": ("kernel", "conv kernel grad (dW)")}[which]
+    for layer, s in layers.items():
+      if shape == s[want]:
+        return layer, f"{what}, oneDNN"
+    return "x".join(map(str, shape)), f"{what}, oneDNN"
   for layer, s in layers.items():
     if sorted(shape) == sorted(s["kernel"]) and shape[:2] != s["out"][:2]:
       return layer, "conv kernel grad (dW)"
@@ -76,13 +87,15 @@ def main(argv=None) -> None:
   p.add_argument("--steps", type=int, default=2)
   p.add_argument("--microbatch", type=int, default=0, help="config.microbatch_size")
   p.add_argument("--top", type=int, default=25)
+  p.add_argument("--conv_impl", default="auto", help="model.conv_impl: auto, xla or onednn")
   args = p.parse_args(argv)
 
   import jax
 
   from benchmarks import common
 
-  config = common.config_for(args.batch, args.dtype, microbatch=args.microbatch)
+  config = common.config_for(args.batch, args.dtype, microbatch=args.microbatch,
+                             conv_impl=args.conv_impl)
   step = common.OurTrainStep(config)
   step.run(1)
   trace_dir = tempfile.mkdtemp(prefix="alexnet-profile-")
@@ -103,15 +116,17 @@ def main(argv=None) -> None:
     m = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = (\S+) ", line)
     if m and m.group(1) in per_op:
       op = re.search(r'op_name="([^"]*)"', line)
-      ops[m.group(1)] = (_shape(m.group(2)), op.group(1) if op else "")
+      target = re.search(r'custom_call_target="([^"]*)"', line)
+      ops[m.group(1)] = (_shape(m.group(2)), op.group(1) if op else "",
+                         target.group(1) if target else "")
   layers = layer_shapes(config)
   groups = collections.Counter()
   rows = []
   for name, ms in per_op.items():
     if name not in ops:
       continue
-    shape, op_name = ops[name]
-    key = classify(name, shape, op_name, layers)
+    shape, op_name, target = ops[name]
+    key = classify(name, shape, op_name, layers, target)
     groups[key] += ms
     rows.append((ms, name, shape, op_name.split("jit(train_step)/")[-1][-60:], key))
   total = sum(groups.values())

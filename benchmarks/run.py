@@ -166,12 +166,17 @@ class Suite:
         log(f"train batch {batch} {dtype}")
         # Ours with the whole batch in one pass, and with micro-batches of
         # a.microbatch (config.microbatch_size: same gradient) where that splits it.
-        variants = {"ours": 0}
-        if a.microbatch < batch:
-          variants[f"ours-mb{a.microbatch}"] = a.microbatch
+        # Per model.conv_impl of --conv_impl (keys "ours[xla]", ... when more than one),
+        # all interleaved with the peers round by round.
+        variants = {}
+        for impl in a.conv_impls:
+          variants[f"ours{_tag(a, impl)}"] = (impl, 0)
+          if a.microbatch < batch:
+            variants[f"ours{_tag(a, impl)}-mb{a.microbatch}"] = (impl, a.microbatch)
         ours = {}
-        for key, micro in variants.items():
-          ours[key] = common.OurTrainStep(common.config_for(batch, dtype, microbatch=micro))
+        for key, (impl, micro) in variants.items():
+          ours[key] = common.OurTrainStep(common.config_for(batch, dtype, microbatch=micro,
+                                                            conv_impl=impl))
         times = {key: [] for key in ours}
         setups = {}
         for name, peer in self.peers.items():
@@ -186,8 +191,9 @@ class Suite:
           log(f"  round {r}: " + ", ".join(f"{k} {batch / median(v):.1f}"
                                            for k, v in times.items()))
         mem = {name: peer.peak_memory() for name, peer in self.peers.items()}
-        first = ours["ours"]
+        first = next(iter(ours.values()))
         rows.append(dict(batch=batch, dtype=dtype, step_s=times, compile_s=first.compile_s,
+                         conv_impls=a.conv_impls,
                          compile_s_all={k: v.compile_s for k, v in ours.items()},
                          microbatch=a.microbatch, flops_per_image_xla=first.flops_per_image(),
                          loss={k: v.loss for k, v in ours.items()},
@@ -210,23 +216,32 @@ class Suite:
            "fraction is of the same-dtype matmul peak above. \"ours, mb\": the same step "
            f"with `--config.microbatch_size={micro}` (the batch in passes of {micro} images, "
            "gradients summed: the same gradient); \"best ours\" is the faster of the two.", "",
-           f"| batch | dtype | ours | ours, mb {micro} | PyTorch tuned malloc | PyTorch glibc | "
-           "best ours / best PyTorch | best ours GFLOP/s (% of peak) | compile s |",
-           "|---|---|---|---|---|---|---|---|---|"]
+           "`conv`: `model.conv_impl` (xla: XLA's convolutions; onednn: oneDNN's through "
+           "XLA's FFI, alexnet_jax/kernels; auto: oneDNN's where built).", "",
+           f"| batch | dtype | conv | ours | ours, mb {micro} | PyTorch tuned malloc | "
+           "PyTorch glibc | best ours / best PyTorch | best ours GFLOP/s (% of peak) | "
+           "compile s |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
     for row in self.results["train"]:
       b = row["batch"]
       ips = {k: (b / median(v), b / min(v)) for k, v in row["step_s"].items() if v}
       cell = {k: f"{m:.1f} ({best:.1f})" for k, (m, best) in ips.items()}
       torch_best = max((m for k, (m, _) in ips.items() if k.startswith("torch")),
                        default=None)
-      ours_best = max(m for k, (m, _) in ips.items() if k.startswith("ours"))
-      ratio = f"**{ours_best / torch_best:.2f}x**" if torch_best else "n/a"
-      gflops = ours_best * fpi / 1e9
-      frac = (f" ({100 * gflops / peak[row['dtype']]:.0f}%)" if row["dtype"] in peak else "")
-      out.append(f"| {b} | {row['dtype']} | {cell['ours']} | "
-                 f"{cell.get(f'ours-mb{micro}', '= ours')} | "
-                 f"{cell.get('torch-tuned', 'n/a')} | {cell.get('torch-glibc', 'n/a')} | "
-                 f"{ratio} | {gflops:.0f}{frac} | {row['compile_s']:.1f} |")
+      impls = row.get("conv_impls", ["auto"])
+      for impl in impls:
+        tag = f"[{impl}]" if len(impls) > 1 else ""
+        ours_best = max(m for k, (m, _) in ips.items()
+                        if k in (f"ours{tag}", f"ours{tag}-mb{micro}"))
+        ratio = f"**{ours_best / torch_best:.2f}x**" if torch_best else "n/a"
+        gflops = ours_best * fpi / 1e9
+        frac = (f" ({100 * gflops / peak[row['dtype']]:.0f}%)" if row["dtype"] in peak
+                else "")
+        compile_s = row.get("compile_s_all", {}).get(f"ours{tag}", row["compile_s"])
+        out.append(f"| {b} | {row['dtype']} | {impl} | {cell[f'ours{tag}']} | "
+                   f"{cell.get(f'ours{tag}-mb{micro}', '= ours')} | "
+                   f"{cell.get('torch-tuned', 'n/a')} | {cell.get('torch-glibc', 'n/a')} | "
+                   f"{ratio} | {gflops:.0f}{frac} | {compile_s:.1f} |")
     if self.torch_note:
       out += ["", self.torch_note]
     return "\n".join(out)
@@ -235,29 +250,34 @@ class Suite:
     a = self.args
     batch = a.eval_batch
     log(f"eval ten-crop, batch {batch} images ({batch * 10} crops)")
-    config = common.config_for(batch, "float32")
-    ours = common.OurEvalStep(config)
-    times = {"ours": []}
+    ours = {f"ours{_tag(a, impl)}": common.OurEvalStep(
+        common.config_for(batch, "float32", conv_impl=impl)) for impl in a.conv_impls}
+    times = {key: [] for key in ours}
     for name, peer in self.peers.items():
       peer.setup(batch=batch, dtype="float32", threads=common.cores(), warmup=0)
       times[f"torch-{name}"] = []
     for _ in range(a.eval_rounds):
-      times["ours"] += ours.run(a.steps)
+      for key, step in ours.items():
+        times[key] += step.run(a.steps)
       for name, peer in self.peers.items():
         times[f"torch-{name}"] += peer.eval(steps=a.steps, ten_crop=True)["step_s"]
-    self.results["eval"] = dict(batch=batch, step_s=times, compile_s=ours.compile_s)
+    self.results["eval"] = dict(batch=batch, step_s=times, conv_impls=a.conv_impls,
+                                compile_s={k: v.compile_s for k, v in ours.items()})
     del ours
     gc.collect()
     ips = {k: batch / median(v) for k, v in times.items()}
     torch_best = max((v for k, v in ips.items() if k.startswith("torch")), default=None)
-    ratio = f"{ips['ours'] / torch_best:.2f}x" if torch_best else "n/a"
+    lines = []
+    for impl in a.conv_impls:
+      key = f"ours{_tag(a, impl)}"
+      ratio = f"{ips[key] / torch_best:.2f}x" if torch_best else "n/a"
+      lines.append(f"| {impl} | {ips[key]:.1f} | {ips.get('torch-tuned', float('nan')):.1f} | "
+                   f"{ips.get('torch-glibc', float('nan')):.1f} | **{ratio}** | "
+                   f"{self.results['eval']['compile_s'][key]:.1f} |")
     self.md["eval"] = (
         f"### Evaluation, ten crops (images/s, float32, {batch} images = {batch * 10} crops "
-        "per step)\n\n| ours | PyTorch tuned | PyTorch glibc | ours / best PyTorch | "
-        "our compile s |\n|---|---|---|---|---|\n"
-        f"| {ips['ours']:.1f} | {ips.get('torch-tuned', float('nan')):.1f} | "
-        f"{ips.get('torch-glibc', float('nan')):.1f} | **{ratio}** | "
-        f"{self.results['eval']['compile_s']:.1f} |")
+        "per step)\n\n| conv | ours | PyTorch tuned | PyTorch glibc | ours / best PyTorch | "
+        "our compile s |\n|---|---|---|---|---|---|\n" + "\n".join(lines))
 
   def memory(self) -> None:
     rows = []
@@ -369,13 +389,19 @@ class Suite:
     batch, micro = self.args.profile_batch, self.args.microbatch
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks.profile_step", f"--batch={batch}",
-         f"--microbatch={micro if micro < batch else 0}", "--top=12"],
+         f"--microbatch={micro if micro < batch else 0}", "--top=12",
+         f"--conv_impl={self.args.conv_impls[-1]}"],
         capture_output=True, text=True, cwd=str(REPO), timeout=900)
     if proc.returncode != 0:
       raise RuntimeError(f"profile_step exited {proc.returncode}: {proc.stderr[-1500:]}")
     lines = proc.stdout.strip().splitlines()
     self.results["profile"] = json.loads(lines[-1])
     self.md["profile"] = "### Per-layer profile of our step\n\n" + "\n".join(lines[:-1]).strip()
+
+
+def _tag(args, impl: str) -> str:
+  """The results key suffix of a conv_impl: none when only one is timed (as before)."""
+  return f"[{impl}]" if len(args.conv_impls) > 1 else ""
 
 
 def main(argv=None) -> None:
@@ -388,10 +414,17 @@ def main(argv=None) -> None:
   p.add_argument("--only", default="peak,train,eval,memory,pipeline,datawait,scaling,profile")
   p.add_argument("--microbatch", type=int, default=32,
                  help="also time our step with config.microbatch_size=N (when N < batch)")
+  p.add_argument("--conv_impl", default="auto",
+                 help="model.conv_impl to time, comma-separated for an interleaved A/B "
+                      "(e.g. xla,onednn); the profile section uses the last")
+  p.add_argument("--batches", default="",
+                 help="train batch sizes, comma-separated (default: 32,128; --quick 32)")
   p.add_argument("--update", action="store_true",
                  help="keep the last run's results for the sections not in --only")
   args = p.parse_args(argv)
   args.only = args.only.split(",")
+  args.conv_impls = args.conv_impl.split(",")
+  batches = [int(b) for b in args.batches.split(",")] if args.batches else None
   args.name = args.name or ("quick" if args.quick else "full")
   args.malloc = ["tuned", "glibc"]
   args.dtypes = ["float32", "bfloat16"]
@@ -409,6 +442,7 @@ def main(argv=None) -> None:
     args.datawait_steps, args.devices, args.scaling_batch, args.scaling_steps = (
         30, [1, 2, 4, 8], 32, 2)
     args.profile_batch = 128  # in passes of --microbatch: our fastest batch-128 step
+  args.batches = batches or args.batches
   args.pipeline_data = str(REPO.parent / "shared" / "data" / "imagenet-tiny")
 
   suite = Suite(args)

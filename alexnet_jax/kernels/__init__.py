@@ -73,7 +73,8 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     return None, ("the oneDNN extension was not built (`pip install -e .` needs a C++ "
                   "compiler and the onednn-*-cpu-gomp wheels of requirements.txt)")
   # Before libgomp starts (if no one has started it yet): idle OpenMP threads sleep at
-  # once rather than spin for ~100 ms, which would steal the cores from XLA's pool.
+  # once instead of spinning after each convolution (GOMP_SPINCOUNT: 300,000 spins by
+  # default), which would take a core from XLA's pool while it runs the ops in between.
   os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
   errors = []
   for path in _libdnnl_candidates():
