@@ -29,7 +29,9 @@ def _wheel_file(dist: str, suffix: str) -> pathlib.Path | None:
   except importlib.metadata.PackageNotFoundError:
     return None
   for f in files:
-    if str(f).replace("\\", "/").endswith(suffix):
+    # RECORD paths of data files are relative to site-packages ("../../libdnnl.so.3",
+    # "../../../include/oneapi/dnnl/dnnl.hpp"): match the end, resolve, check it is there.
+    if ("/" + str(f).replace("\\", "/")).endswith("/" + suffix):
       path = pathlib.Path(f.locate()).resolve()
       if path.exists():
         return path
@@ -39,7 +41,7 @@ def _wheel_file(dist: str, suffix: str) -> pathlib.Path | None:
 def _onednn() -> tuple[pathlib.Path, pathlib.Path] | None:
   """(include dir, libdnnl.so.3) from the build environment, else from sys.prefix."""
   header = _wheel_file("onednn-devel-cpu-gomp", "include/oneapi/dnnl/dnnl.hpp")
-  lib = _wheel_file("onednn-cpu-gomp", "lib/libdnnl.so.3")
+  lib = _wheel_file("onednn-cpu-gomp", "libdnnl.so.3")
   if header is None:
     header = pathlib.Path(sys.prefix) / "include" / "oneapi" / "dnnl" / "dnnl.hpp"
   if lib is None:
@@ -67,7 +69,7 @@ def _extensions() -> list[Extension]:
       sources=[str((KERNELS / "onednn_conv.cc").relative_to(HERE))],
       include_dirs=[str(KERNELS / "third_party"), str(include)],
       language="c++",
-      extra_compile_args=["-std=c++17", "-O2", "-fopenmp", "-Wno-return-type"],
+      extra_compile_args=["-std=c++17", "-O2", "-g0", "-fopenmp", "-Wno-return-type"],
       # By full path: the extension then needs "libdnnl.so.3" (its soname), which
       # alexnet_jax.kernels loads from the venv before loading the extension.
       extra_link_args=[str(lib), "-fopenmp"],
