@@ -1,7 +1,7 @@
 r"""alexnet-jax: train, evaluate, predict with, or summarise the 2012 AlexNet.
 
   python main.py --workdir=runs/alexnet --config=experiments/alexnet.py \
-      [--config.batch_size=256 ...] [--mode=train|eval|predict|summary]
+      [--config.batch_size=256 ...] [--mode=train|eval|predict|summary] [--follow]
 
 Any config field can be overridden as --config.a.b=value; a misspelt field is
 an error. Multi-process: --coordinator_address=HOST:PORT --num_processes=N
@@ -37,6 +37,9 @@ flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs, evaluatio
 flags.DEFINE_enum("mode", "train", ["train", "eval", "predict", "summary"], "What to do.")
 flags.DEFINE_integer("step", None, "--mode=eval/predict: the checkpoint step (default latest).")
 flags.DEFINE_list("images", [], "--mode=predict: image files to classify.")
+flags.DEFINE_bool("follow", False,
+                  "--mode=eval: evaluate each new checkpoint of the run training in --workdir "
+                  "once, until its last step (a separate evaluator beside the trainer).")
 flags.DEFINE_bool("allow_config_changes", False,
                   "--mode=train: resume even if the config changes the run's meaning "
                   "(batch size, seed, dataset, augmentation); the changes are logged.")
@@ -105,7 +108,8 @@ def main(argv):
   from alexnet_jax import cli
 
   sys.exit(cli.main(FLAGS.mode, FLAGS.config, FLAGS.workdir, step=FLAGS.step,
-                    images=FLAGS.images, allow_config_changes=FLAGS.allow_config_changes,
+                    images=FLAGS.images, follow=FLAGS.follow,
+                    allow_config_changes=FLAGS.allow_config_changes,
                     coordinator_address=FLAGS.coordinator_address,
                     num_processes=FLAGS.num_processes, process_id=FLAGS.process_id))
 

@@ -102,7 +102,7 @@ def main(mode: str, config: ml_collections.ConfigDict, workdir: str | None, *,
 
 
 def run(mode: str, config: ml_collections.ConfigDict, workdir: str | None, *,
-        step: int | None = None, images: Sequence[str] = (),
+        step: int | None = None, images: Sequence[str] = (), follow: bool = False,
         allow_config_changes: bool = False) -> int:
   """Runs one mode; returns the process exit status."""
   quiet_library_logs()
@@ -124,6 +124,12 @@ def run(mode: str, config: ml_collections.ConfigDict, workdir: str | None, *,
         logging.info("figures: %s", ", ".join(paths))
         written.append("figures/")
       print(f"Done. Results in {workdir}: {', '.join(written)}.")
+    elif mode == "eval" and follow:
+      if step is not None:
+        print("error: --follow evaluates every new checkpoint; --step picks one: give one "
+              "of them", file=sys.stderr)
+        return 2
+      evaluate.follow(config, workdir)
     elif mode == "eval":
       evaluate.run_eval(config, workdir, step)
     elif mode == "predict":

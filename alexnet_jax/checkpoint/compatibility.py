@@ -31,6 +31,7 @@ RESUMABLE = (
     "optim.plateau_patience", "optim.plateau_max_reductions", "optim.plateau_min_delta",
     "optim.warmup_epochs", "optim.layer_lr_multipliers", "optim.bias_lr_multiplier",
     "num_epochs", "num_train_steps", "eval_every_steps", "eval_ten_crop", "eval_batch_size",
+    "eval_follow_poll_seconds",
     "checkpoint_every_steps", "keep_checkpoints", "log_every_steps", "profile_steps",
     "on_nonfinite", "nonfinite_max_rollbacks", "mesh.", "microbatch_size", "model.compute_dtype",
     "dataset.data_dir", "dataset.manual_dir", "dataset.cache_dir", "dataset.image_folder",
