@@ -34,12 +34,14 @@ RESUMABLE = (
     "eval_follow_poll_seconds",
     "checkpoint_every_steps", "keep_checkpoints", "log_every_steps", "profile_steps",
     "on_nonfinite", "nonfinite_max_rollbacks", "mesh.", "microbatch_size", "model.compute_dtype",
+    "model.conv_impl", "memory_check",
     "dataset.data_dir", "dataset.manual_dir", "dataset.cache_dir", "dataset.image_folder",
     "input.square_cache", "input.num_parallel_calls", "input.prefetch", "input.on_bad_image",
     "figures.",
 )
 # Evaluating or predicting needs the same network only; how it was trained may differ.
-MODEL_FREE = ("model.compute_dtype",)
+# (model.conv_impl: whose kernels compute the same convolution, XLA's or oneDNN's.)
+MODEL_FREE = ("model.compute_dtype", "model.conv_impl")
 
 
 def _flat_json(config: ml_collections.ConfigDict) -> dict[str, Any]:
