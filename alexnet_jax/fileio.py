@@ -47,9 +47,10 @@ class WorkdirError(OSError):
 def unwritable_dir(directory: PathLike) -> str | None:
   """Why `directory` cannot be written (created if missing), or None if it can.
 
-  Local paths only (an object store has no such states; None there). Probes with a real
-  file: permission bits say nothing for root, and a read-only mount only shows on write.
-  Creates `directory` (and its parents) when it can: a run writes there next anyway.
+  Local paths only (an object store has no such states; None there). Creates `directory`
+  (and its parents) when it can: a run writes there next anyway. An existing directory
+  is only asked (access(2) sees a read-only mount, for root too), never written: a
+  refused run leaves it exactly as it was.
   """
   if not is_local(directory):
     return None
@@ -63,12 +64,11 @@ def unwritable_dir(directory: PathLike) -> str | None:
     return f"{ancestor} is a file, so {d} cannot be a directory under it"
   try:
     os.makedirs(d, exist_ok=True)
-    probe = os.path.join(d, f".write-probe-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    with open(probe, "wb"):
-      pass
-    os.remove(probe)
   except OSError as err:
     return f"{d} is not writable ({err.strerror})"
+  if not os.access(d, os.W_OK | os.X_OK):
+    read_only = os.statvfs(d).f_flag & os.ST_RDONLY
+    return f"{d} is not writable ({'Read-only file system' if read_only else 'Permission denied'})"
   return None
 
 
