@@ -15,7 +15,7 @@ import tensorflow as tf
 from PIL import Image
 from tensorboard.backend.event_processing import event_accumulator
 
-from alexnet_jax import cli
+from alexnet_jax import cli, data
 from alexnet_jax.data import demo
 from alexnet_jax.run import evaluate
 from experiments import demo as demo_config
@@ -134,3 +134,41 @@ def test_imagenet_words_in_tfds_label_order():
   assert not set(words) & set(wnids)  # every wnid has its words
   # Other folder names pass through unchanged.
   assert evaluate.readable_names(["cat", "n01440764"]) == ["cat", "tench, Tinca tinca"]
+
+
+def test_predict_works_in_chunks_with_the_same_output(trained, tmp_path, capsys, monkeypatch):
+  """Predict decodes and classifies config.eval_batch_size files at a time, so its memory
+  does not grow with the number of files (benchmarks/predict_memory.py measures it):
+  chunks of 2 give what one chunk of all the files gives, in order, unusable files too."""
+  config, workdir = trained
+  root = demo.ensure_demo_tree(config)
+  photos = sorted(glob.glob(os.path.join(root, "val", "*", "*.JPEG")))[::9][:4]
+  bad = tmp_path / "not_an_image.jpg"
+  bad.write_bytes(b"no JPEG here")
+  paths = [str(bad), *photos[:3], str(bad), photos[3]]
+  chunks = []
+  decode = data.preprocess_image_files
+  monkeypatch.setattr(data, "preprocess_image_files",
+                      lambda c, p, **kw: chunks.append(len(p)) or decode(c, p, **kw))
+
+  def predict(batch):
+    capsys.readouterr()
+    c = config.copy_and_resolve_references()
+    c.eval_batch_size = batch
+    results = evaluate.predict(c, workdir, paths)
+    return results, capsys.readouterr().out
+
+  whole, whole_out = predict(64)
+  chunked, chunked_out = predict(2)
+  assert chunks == [6, 2, 2, 2]
+  assert [len(r) for r in whole] == [0, 5, 5, 5, 0, 5]
+  for a, b in zip(whole, chunked, strict=True):
+    assert [n for n, _ in a] == [n for n, _ in b]
+    np.testing.assert_allclose([p for _, p in a], [p for _, p in b], rtol=1e-5)
+
+  def order(out):  # the file and skip lines; probabilities may differ in the last digit
+    return [line for line in out.splitlines() if "%" not in line]
+
+  assert order(chunked_out) == order(whole_out)
+  skip = [line for line in order(whole_out) if line.startswith("  skipped: ")]
+  assert order(whole_out) == [str(bad), skip[0], *photos[:3], str(bad), skip[0], photos[3]]

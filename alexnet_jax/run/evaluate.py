@@ -8,7 +8,8 @@ step sums over unmasked examples only.
 `run_eval` evaluates one checkpoint (--mode=eval); `follow` evaluates each new checkpoint
 of a run training beside it, once, until the run's last step (--mode=eval --follow: the
 separate evaluator of big_vision/flax set-ups); both write DIR/eval/<step>.json, and only
-warn where the workdir is read-only.
+warn where the workdir is read-only. `predict` classifies image files in batches of
+eval_batch_size: its memory does not grow with the number of files.
 """
 
 from __future__ import annotations
@@ -324,6 +325,8 @@ def predict(config: ml_collections.ConfigDict, workdir: str, paths: Sequence[str
   """--mode=predict: the top-k classes with probabilities for each image file.
 
   Needs only the workdir (checkpoint, class names, input statistics), not the dataset.
+  Decodes and classifies config.eval_batch_size files at a time, printing as it goes:
+  memory does not grow with the number of files.
   """
   # A path that names nothing is a typo; an existing file that cannot be used (unreadable,
   # a dangling link, corrupt, too large) is skipped and named below.
@@ -334,21 +337,28 @@ def predict(config: ml_collections.ConfigDict, workdir: str, paths: Sequence[str
   state = restore(run, workdir, step)
   names = readable_names(run.class_names)
   bad_images = data.BadImageLog(on_bad_image=config.input.on_bad_image)
-  images = data.preprocess_image_files(config, paths, stats=run.stats, bad_images=bad_images)
+  predict_step = steps.make_predict_step(config, run.layout)  # compiled once for all chunks
+  results, held = [], []  # held: skipped files' lines, until a file is usable
+  for start in range(0, len(paths), config.eval_batch_size):
+    chunk = paths[start:start + config.eval_batch_size]
+    images = data.preprocess_image_files(config, chunk, stats=run.stats, bad_images=bad_images)
+    probs, _ = features_and_probabilities(run, state.params, images, predict_step=predict_step)
+    for path, p in zip(chunk, probs, strict=True):
+      if path in bad_images.reasons:
+        results.append([])
+        held.append(f"{path}\n  skipped: {bad_images.reasons[path]}")
+        continue
+      top = np.argsort(-p)[:top_k]
+      results.append([(names[i], float(p[i])) for i in top])
+      # Every file is printed in order; those skipped before the first usable one wait, so
+      # that a list of only unusable files is one error and nothing else, as before.
+      print("\n".join([*held, path] + [f"  {p[i]:7.2%}  {names[i]}" for i in top]),
+            flush=True)
+      held = []
   if len(bad_images.paths) == len(set(paths)):
     raise data.BadImageError(f"no usable image in --images: {bad_images.summary()}")
-  probs, _ = features_and_probabilities(run, state.params, images)
-  results = []
-  for path, p in zip(paths, probs, strict=True):
-    if path in bad_images.reasons:
-      results.append([])
-      print(f"{path}\n  skipped: {bad_images.reasons[path]}")
-      continue
-    top = np.argsort(-p)[:top_k]
-    results.append([(names[i], float(p[i])) for i in top])
-    print(path)
-    for i in top:
-      print(f"  {p[i]:7.2%}  {names[i]}")
+  if held:
+    print("\n".join(held), flush=True)
   return results
 
 
