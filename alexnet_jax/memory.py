@@ -8,12 +8,15 @@ as RESOURCE_EXHAUSTED or the kernel's OOM killer. The estimate, per device:
   + the input batch (this device's share of it)
   + local batch x (activations autodiff keeps for the backward pass, from `jax.vjp`'s
     residuals, traced with `jax.eval_shape`: nothing is allocated or compiled
-    + the largest convolution's input patches: XLA CPU's convolution gradients
-      materialise them, e.g. conv1's 55 x 55 x 11 x 11 x 3 floats = 4.4 MB an image).
+    + with XLA's convolutions (model.conv_impl="xla"), the largest convolution's input
+      patches: XLA CPU's convolution gradients materialise them, e.g. conv1's
+      55 x 55 x 11 x 11 x 3 floats = 4.4 MB an image; oneDNN's do not).
 
 Measured against XLA's own `compiled.memory_analysis()` on the CPU (temporaries +
 arguments, one device): the demo net at batch 16, 64 and 2,000 and the paper's net at
-32: within 8% (0.92-1.01x; tests/test_memory.py checks the demo net). A net as narrow as
+32: within 8% (0.92-1.01x; tests/test_memory.py checks the demo net); with oneDNN's
+convolutions (XLA's analysis then leaves out oneDNN's small scratchpads) the demo net at
+16 and the paper's at 32: 1.04x. A net as narrow as
 the smoke config's is under-estimated by up to 40% (XLA then keeps conv1's patches once
 per tower): the check refuses what cannot fit, it does not promise what will.
 Micro-batching does not lower XLA CPU's peak (it schedules the chunks' forward passes
@@ -69,6 +72,8 @@ def _per_example_activations(config: ml_collections.ConfigDict) -> int:
 
   residuals = jax.tree.leaves(jax.eval_shape(backward_function, params, images, labels, keys))
   per_example = _bytes(r for r in residuals if r.ndim and r.shape[0] == b) // b
+  if model_lib.resolve_conv_impl(config.model.get("conv_impl", "auto")) != "xla":
+    return per_example  # oneDNN's convolutions work in place, with a small scratchpad
   _, outputs = jax.eval_shape(lambda p, x: net.apply(p, x, train=False, capture=True),
                               params, images)
   itemsize = jnp.dtype(model_lib.DTYPES[config.model.compute_dtype]).itemsize
