@@ -17,7 +17,7 @@ LAYERS = {
     "core": ("alexnet_jax.model", "alexnet_jax.optim", "alexnet_jax.parallel",
              "alexnet_jax.steps", "alexnet_jax.checkpoint", "alexnet_jax.lock",
              "alexnet_jax.config_checks", "alexnet_jax.config_files", "alexnet_jax.data",
-             "alexnet_jax.fileio"),
+             "alexnet_jax.fileio", "alexnet_jax.memory", "alexnet_jax.kernels"),
     "run setup": ("alexnet_jax.run.setup",),
     "run": ("alexnet_jax.run.train", "alexnet_jax.run.evaluate"),
     # data.prepare (the TFDS build command) is data's own: sources share its names.

@@ -99,13 +99,15 @@ def _report(run: setup.RunSetup, state, eval_step, workdir: str,
       "center_crop": {k: centre[k] for k in ("top1_error", "top5_error", "loss")},
       "ten_crop": {k: ten[k] for k in ("top1_error", "top5_error", "loss")},
   }
-  if jax.process_index() == 0:
-    _write_report(workdir, step, report)
   if writer is not None:
     # The training loop's names: in TensorBoard the follower's curves ("eval" run) lie on
-    # the trainer's ("." run).
+    # the trainer's ("." run). Flushed before the report, which marks the step done: a
+    # stop in between repeats the scalars on restart, never loses them.
     writer.write_scalars(step, {**{f"eval/{k}": v for k, v in centre.items()},
                                 **{f"eval_ten_crop/{k}": v for k, v in ten.items()}})
+    writer.flush()
+  if jax.process_index() == 0:
+    _write_report(workdir, step, report)
   if centre["num_skipped"]:
     logging.warning("evaluation skipped %d unusable images: %s", centre["num_skipped"],
                     bad_images.summary())
@@ -244,8 +246,6 @@ class _RunEnd:
   """
 
   def __init__(self, run: setup.RunSetup, workdir: str):
-    from alexnet_jax.run import train  # train imports this module
-
     config = run.config
     self.last_step = config.num_train_steps if config.num_train_steps > 0 else None
     if self.last_step is None:
@@ -254,7 +254,7 @@ class _RunEnd:
                                                                               run.info)))
       except config_checks.ConfigError:
         pass
-    self._final = fileio.path(workdir) / train.FINAL_METRICS
+    self._final = fileio.path(workdir) / setup.FINAL_METRICS
     # An older run's final metrics (a finished run resumed to train longer) end nothing.
     self._before = self._read()
 

@@ -30,6 +30,7 @@ from alexnet_jax import config_checks, data, fileio, optim, parallel, steps
 from alexnet_jax.data import stats as stats_lib
 
 DATASET_FILE = "dataset.json"
+FINAL_METRICS = "final_metrics.json"  # written by training at its end; read by --follow
 STATS_FILE = "input_stats.npz"
 
 

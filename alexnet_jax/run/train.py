@@ -38,7 +38,7 @@ from alexnet_jax import checkpoint as checkpoint_lib
 from alexnet_jax import data, fileio, memory, optim, parallel, steps
 from alexnet_jax.run import evaluate, setup
 
-FINAL_METRICS = "final_metrics.json"
+FINAL_METRICS = setup.FINAL_METRICS
 # Signals that stop a run cleanly (finish the step, save, exit 0). SIGHUP is what a
 # closed terminal or SSH session sends: without it, a run started by hand lost every
 # step since its last checkpoint (up to checkpoint_every_steps).
