@@ -104,10 +104,6 @@ std::unique_ptr<Entry> Build(Kind kind, const Geometry& g, dt type) {
     e->src = fwd.src_desc();
     e->dst = fwd.dst_desc();
     weights = fwd.weights_desc();
-    e->reorder_weights = weights != e->user_weights;
-    if (e->reorder_weights)
-      e->weights_reorder = dnnl::reorder(
-          dnnl::reorder::primitive_desc(Engine(), e->user_weights, Engine(), weights));
   } else if (kind == kBackwardData) {
     auto pd = dnnl::convolution_backward_data::primitive_desc(
         Engine(), dnnl::algorithm::convolution_direct, Activations(g.n, g.c, g.h, g.w, type),
@@ -117,10 +113,6 @@ std::unique_ptr<Entry> Build(Kind kind, const Geometry& g, dt type) {
     e->src = pd.diff_src_desc();
     e->dst = pd.diff_dst_desc();
     weights = pd.weights_desc();
-    e->reorder_weights = weights != e->user_weights;
-    if (e->reorder_weights)
-      e->weights_reorder = dnnl::reorder(
-          dnnl::reorder::primitive_desc(Engine(), e->user_weights, Engine(), weights));
   } else {
     // The kernel gradient sums over the whole batch: in float32, rounded once at the end.
     auto pd = dnnl::convolution_backward_weights::primitive_desc(
@@ -131,13 +123,17 @@ std::unique_ptr<Entry> Build(Kind kind, const Geometry& g, dt type) {
     e->src = pd.src_desc();
     e->dst = pd.diff_dst_desc();
     weights = pd.diff_weights_desc();
-    e->reorder_weights = weights != e->user_weights;
-    if (e->reorder_weights)
-      e->weights_reorder = dnnl::reorder(
-          dnnl::reorder::primitive_desc(Engine(), weights, Engine(), e->user_weights));
   }
   e->weights = weights;
-  if (e->reorder_weights) e->weights_buffer = dnnl::memory(weights, Engine());
+  e->reorder_weights = weights != e->user_weights;
+  if (e->reorder_weights) {
+    // Forward and backward-data read the kernel in oneDNN's layout; backward-weights
+    // writes its gradient there and reorders it back into the caller's HWIO.
+    bool out = kind == kBackwardWeights;
+    e->weights_reorder = dnnl::reorder(dnnl::reorder::primitive_desc(
+        Engine(), out ? weights : e->user_weights, Engine(), out ? e->user_weights : weights));
+    e->weights_buffer = dnnl::memory(weights, Engine());
+  }
   return e;
 }
 
